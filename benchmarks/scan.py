@@ -1,0 +1,114 @@
+"""Scan throughput against the machine's own Pillow decode rate, measured in the same run.
+
+    .venv/bin/python benchmarks/scan.py [--files 5000] [--size 640x480] [--dir DIR]
+
+Prints files/s for (1) a plain single-core Pillow decode loop, (2) a full `scan` with one worker
+per core, (3) the re-scan of the unchanged folder, and the ratios the foundation issue targets:
+full scan ≥ 0.8 × cores × single-core decode rate; re-scan ≥ 20× faster than the first scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from imgclf.config import ScanConfig
+from imgclf.data.example import cache_dir
+from imgclf.data.scan import scan_to
+
+
+def make_jpeg(job: tuple[Path, int, int, int]) -> None:
+    """A photo-like JPEG: smooth colour gradients plus blocks and noise, different per seed."""
+    path, w, h, seed = job
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy = rng.uniform(0.002, 0.03, 2).tolist()
+        ph = rng.uniform(0, 6.28)
+        img[..., c] = 127 + 100 * np.sin(xx * fx + yy * fy + ph)
+    for _ in range(8):
+        x0, y0 = rng.integers(0, w - 40), rng.integers(0, h - 40)
+        img[y0 : y0 + rng.integers(20, 160), x0 : x0 + rng.integers(20, 160)] = rng.uniform(
+            0, 255, 3
+        )
+    img += rng.normal(0, 12, img.shape)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def dataset(folder: Path, n: int, w: int, h: int) -> Path:
+    marker = folder.parent / f"{folder.name}.complete"
+    if marker.is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    jobs = []
+    for i in range(n):
+        cls = folder / f"class_{i % 10}"
+        cls.mkdir(parents=True, exist_ok=True)
+        jobs.append((cls / f"{i:05d}.jpg", w, h, i))
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(make_jpeg, jobs, chunksize=32))
+    marker.write_text("ok\n")
+    print(f"generated {n} JPEGs of {w}x{h} in {time.perf_counter() - t0:.1f} s")
+    return folder
+
+
+def single_core_decode_rate(files: list[Path], seconds: float = 5.0) -> float:
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds and done < len(files):
+        with Image.open(files[done]) as im:
+            im.load()
+        done += 1
+    return done / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--size", default="640x480")
+    ap.add_argument("--dir", type=Path, default=None, help="where the generated JPEGs are kept")
+    args = ap.parse_args()
+    w, h = map(int, args.size.split("x"))
+    folder = args.dir or cache_dir() / "bench" / f"jpeg-{args.files}-{w}x{h}"
+    data = dataset(folder, args.files, w, h)
+    files = sorted(data.rglob("*.jpg"))
+    cores = os.cpu_count() or 1
+
+    single_core_decode_rate(files[:200], seconds=1.0)  # warm the page cache and the code paths
+    decode = single_core_decode_rate(files)
+    out = Path(tempfile.mkdtemp(prefix="imgclf-scan-bench-"))
+    try:
+        t0 = time.perf_counter()
+        first = scan_to(data, out, ScanConfig(workers=cores), progress=False)
+        t_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        again = scan_to(data, out, ScanConfig(workers=cores), progress=False)
+        t_again = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    assert len(first.ok_entries) == len(again.ok_entries) == len(files)
+    assert again.report["files"]["reused"] == len(files)
+
+    n = len(files)
+    scan_rate, rescan_rate = n / t_first, n / t_again
+    limit = cores * decode
+    print(f"files: {n} JPEGs {w}x{h}; cores: {cores}; Pillow {Image.__version__}")
+    print(f"single-core Pillow decode:  {decode:8.1f} files/s")
+    print(f"cores x single-core:        {limit:8.1f} files/s (the reference)")
+    print(f"full scan:                  {scan_rate:8.1f} files/s  ({t_first:.2f} s)")
+    print(f"re-scan, unchanged:         {rescan_rate:8.1f} files/s  ({t_again:.2f} s)")
+    print(f"full scan / reference:      {scan_rate / limit:8.2f}   (target >= 0.80)")
+    print(f"re-scan speed-up:           {t_first / t_again:8.1f}x  (target >= 20x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The `imgclf` command line: parse → config → call one function → print.
+
+Heavy imports (torch, timm) stay inside the commands that need them so `imgclf scan` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from imgclf.errors import ImgclfError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Turn a folder of labelled images into a tracked leaderboard of image classifiers.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
+app.add_typer(config_app, name="config")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def scan(
+    data: Annotated[Path, typer.Argument(help="class-folder tree, or CSV of path,label[,split]")],
+    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="manifest folder")] = None,  # noqa: UP045
+    root: Annotated[Optional[Path], typer.Option(help="data root for CSV paths")] = None,  # noqa: UP045
+    labels: Annotated[Path | None, typer.Option(help="file with one class name per line")] = None,
+    config: Annotated[Path | None, typer.Option("-c", "--config", help="run config YAML")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="data.scan.key=value …")] = None,  # noqa: UP045
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Validate every image (full decode), write the manifest and a report."""
+    from imgclf.config import load_config
+    from imgclf.data.scan import REPORT_JSON, default_manifest_dir, scan_to
+    from imgclf.views import print_scan_report
+
+    cfg = load_config(config, overrides or [])
+    out = out or default_manifest_dir(data)
+    names = _read_labels(labels) if labels else None
+    manifest = scan_to(data, out, cfg.data.scan, root=root, labels=names, progress=progress)
+    print_scan_report(manifest.report, console)
+    console.print(f"manifest: {out}/manifest.csv, report: {out}/{REPORT_JSON}")
+    if not manifest.usable:
+        raise ImgclfError(f"the data in {data} is not usable as it is; fix the errors above")
+
+
+@app.command()
+def split(
+    manifest: Annotated[Path, typer.Argument(help="manifest folder written by `imgclf scan`")],
+    train: float = 0.65,
+    val: float = 0.20,
+    test: float = 0.15,
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="recompute even if a split is given")] = False,
+) -> None:
+    """Stratified, duplicate-grouped, seeded train/val/test split (a column in the manifest)."""
+    from imgclf.config import SplitConfig
+    from imgclf.data.prepare import split_and_save
+    from imgclf.views import print_split_report
+
+    fractions = _validated(SplitConfig, train=train, val=val, test=test, seed=seed)
+    _, report = split_and_save(manifest, fractions, force=force)
+    print_split_report(report.to_dict(), console)
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value …")] = None,  # noqa: UP045
+) -> None:
+    """Print the fully resolved config, every default filled in."""
+    from imgclf.config import dump_yaml, load_config
+
+    config, overrides = _split_config_arg(config, overrides)
+    console.print(dump_yaml(load_config(config, overrides)), markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where manifests (and later runs) go")] = Path("."),
+) -> None:
+    """The embedded example end to end: scikit-learn digits → scan → split → report."""
+    from imgclf.config import ScanConfig, SplitConfig
+    from imgclf.data.example import digits_folder
+    from imgclf.data.prepare import split_and_save
+    from imgclf.data.scan import scan_to
+    from imgclf.views import print_scan_report, print_split_report
+
+    folder = digits_folder()
+    console.rule("[bold]1. scan")
+    manifest_dir = out / "manifests" / "digits"
+    manifest = scan_to(folder, manifest_dir, ScanConfig())
+    print_scan_report(manifest.report, console)
+    console.rule("[bold]2. split")
+    _, report = split_and_save(manifest_dir, SplitConfig(), force=True)
+    print_split_report(report.to_dict(), console)
+    console.print(f"manifest with split: {manifest_dir}/manifest.csv")
+
+
+def _split_config_arg(
+    config: Path | None, overrides: list[str] | None
+) -> tuple[Path | None, list[str]]:
+    """`imgclf config show a.b=1` has no file: the first argument is then an override."""
+    if config is not None and "=" in config.name and not config.exists():
+        return None, [str(config), *(overrides or [])]
+    return config, list(overrides or [])
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        return [
+            ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()
+        ]
+    except OSError as e:
+        raise ImgclfError(f"cannot read the label list {path}: {e.strerror}") from e
+
+
+def _validated(model, **values):
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise ImgclfError(f"invalid options: {e.errors()[0]['msg']}") from None
+
+
+def main() -> None:
+    try:
+        app()
+    except ImgclfError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False)
+        sys.exit(2)

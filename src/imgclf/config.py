@@ -1,0 +1,305 @@
+"""Typed run configuration: YAML + `section.key=value` overrides, validated once, at the edge.
+
+Every key has a default, so an empty file is a valid config. Unknown or mistyped keys fail with
+the nearest valid key. `resolve()` returns the full config with every default filled in; that is
+what gets printed by `imgclf config show` and saved in each run folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imgclf.errors import ImgclfError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    """Stratified, duplicate-grouped, seeded split fractions (test may be 0 for train/val only)."""
+
+    train: float = Field(0.65, gt=0, le=1)
+    val: float = Field(0.20, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        return {
+            k: v for k, v in {"train": self.train, "val": self.val, "test": self.test}.items() if v
+        }
+
+
+class ScanConfig(_Strict):
+    """What `scan` accepts as an image, and when it gives up."""
+
+    max_pixels: int = Field(
+        89_478_485, gt=0, description="width × height cap, checked from the header"
+    )
+    min_side: int = Field(8, ge=1, description="images with a shorter side are skipped")
+    follow_symlinks: Literal["inside", "all", "none"] = Field(
+        "inside", description="inside: follow links whose target stays inside the data root"
+    )
+    max_skipped_fraction: float = Field(0.5, ge=0, le=1, description="abort above this")
+    label_conflicts: Literal["error", "skip"] = Field(
+        "error", description="identical bytes under two labels: stop, or skip every copy"
+    )
+    workers: int = Field(0, ge=0, description="decode worker processes; 0 = one per core")
+
+
+class DataConfig(_Strict):
+    root: Path | None = Field(None, description="class-folder tree or CSV of path,label[,split]")
+    manifest: Path | None = Field(None, description="manifest folder; default manifests/<name>")
+    image_size: int | None = Field(None, ge=8, description="None: the model's default input size")
+    split: SplitConfig = SplitConfig()
+    scan: ScanConfig = ScanConfig()
+
+
+class HeadConfig(_Strict):
+    """The classifier on top of the backbone's feature map."""
+
+    pool: Literal["avg", "max", "avgmax", "flatten"] = "avg"
+    hidden: list[int] = Field(default_factory=list, description="dense layers before the output")
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class ScratchConfig(_Strict):
+    """The from-scratch CNN family (model.name: scratch_cnn, or a named preset)."""
+
+    blocks: int = Field(4, ge=1, le=8)
+    width: int = Field(32, ge=4, description="channels of the first block")
+    schedule: Literal["double", "fixed", "inverted"] = "double"
+    max_width: int = Field(256, ge=4)
+    convs_per_block: int = Field(1, ge=1, le=4)
+    kernel_size: int = Field(3, ge=1, le=11)
+    batch_norm: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1, description="spatial dropout after each block")
+    downsample: Literal["max", "avg", "stride"] = "max"
+
+
+class ModelConfig(_Strict):
+    name: str = Field("efficientnet_lite0", description="`imgclf models` lists the choices")
+    pretrained: str = Field(
+        "packaged", description="none | packaged | hub | file:PATH (state dict or safetensors)"
+    )
+    init_from: Path | None = Field(None, description="warm start from an earlier run's weights")
+    head: HeadConfig = HeadConfig()
+    scratch: ScratchConfig = ScratchConfig()
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth (timm models)")
+
+
+TRAINABLE_KEYS = ("last_blocks", "last_fraction", "from_layer")
+
+
+class StepSchedule(_Strict):
+    every: int = Field(5, ge=1, description="epochs between decays")
+    factor: float = Field(10.0, gt=1, description="divide the lr by this")
+    min_lr: float = Field(0.0, ge=0)
+
+
+class CyclicSchedule(_Strict):
+    mode: Literal["triangular", "triangular2", "exp_range"] = "triangular"
+    base_lr_fraction: float = Field(0.1, gt=0, le=1, description="base_lr = lr × this; max = lr")
+    half_cycle_epochs: float = Field(2.0, gt=0)
+    gamma: float = Field(0.99, gt=0, le=1, description="exp_range decay per step")
+
+
+class PlateauSchedule(_Strict):
+    metric: str = "val_loss"
+    factor: float = Field(0.1, gt=0, lt=1)
+    patience: int = Field(2, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+
+
+class StageConfig(_Strict):
+    """One training stage: what trains, for how long, with which optimizer and schedule."""
+
+    name: str | None = None
+    trainable: str | dict[str, Any] = Field(
+        "all", description="head | all | {last_blocks: N} | {last_fraction: F} | {from_layer: NAME}"
+    )
+    epochs: int = Field(1, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    schedule: Literal["constant", "step", "cosine", "onecycle", "cyclic", "plateau"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr: float = Field(0.0, ge=0, description="cosine floor")
+    step: StepSchedule = StepSchedule()
+    cyclic: CyclicSchedule = CyclicSchedule()
+    plateau: PlateauSchedule = PlateauSchedule()
+    backbone_lr_mult: float = Field(
+        1.0, gt=0, description="discriminative lr: backbone = lr × this"
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="lr × decay^depth from the head"
+    )
+    bn_eval: bool = Field(True, description="frozen BatchNorm layers stay in eval mode")
+
+    @model_validator(mode="after")
+    def _check_trainable(self) -> StageConfig:
+        t = self.trainable
+        if isinstance(t, str) and t not in ("head", "all"):
+            raise ValueError(f"trainable must be head, all, or one of {TRAINABLE_KEYS}; got {t!r}")
+        if isinstance(t, dict):
+            if len(t) != 1 or next(iter(t)) not in TRAINABLE_KEYS:
+                near = difflib.get_close_matches(next(iter(t), ""), TRAINABLE_KEYS, n=1)
+                hint = f"; did you mean {near[0]}?" if near else ""
+                raise ValueError(f"trainable takes one key of {TRAINABLE_KEYS}, got {t}{hint}")
+            ((key, value),) = t.items()
+            if key == "last_blocks" and not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"trainable.last_blocks must be an integer ≥ 0, got {value!r}")
+            if key == "last_fraction" and not (isinstance(value, float | int) and 0 < value <= 1):
+                raise ValueError(f"trainable.last_fraction must be in (0, 1], got {value!r}")
+            if key == "from_layer" and not (isinstance(value, str) and value):
+                raise ValueError("trainable.from_layer must name a module, e.g. blocks.5")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """A preset, with any single transform overridable (None: the preset's value)."""
+
+    preset: Literal["none", "light", "default", "strong"] = "default"
+    hflip: float | None = Field(None, ge=0, le=1)
+    vflip: float | None = Field(None, ge=0, le=1)
+    rotation: float | None = Field(None, ge=0, le=180, description="degrees")
+    scale: tuple[float, float] | None = Field(None, description="random resized crop area range")
+    color_jitter: float | None = Field(None, ge=0, le=1)
+    shear: float | None = Field(None, ge=0, le=45)
+    translate: float | None = Field(None, ge=0, le=0.5)
+    erasing: float | None = Field(None, ge=0, le=1)
+    noise: float | None = Field(None, ge=0, le=1, description="Gaussian noise std (0–1 scale)")
+
+
+class EarlyStopping(_Strict):
+    metric: str = "val_loss"
+    patience: int | None = Field(None, ge=1, description="None: never stop early")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1)
+    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    augment: AugmentConfig = AugmentConfig()
+    imbalance: Literal["none", "weighted_loss", "sampler", "focal"] = "none"
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    mixup: float = Field(0.0, ge=0, description="Beta(α, α); 0 = off")
+    cutmix: float = Field(0.0, ge=0, description="Beta(α, α); 0 = off")
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1)
+    stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
+    early_stopping: EarlyStopping = EarlyStopping()
+    best_metric: str = Field("val_accuracy", description="chooses the saved best epoch")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    channels_last: bool | None = Field(None, description="None: on for GPU")
+    accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    max_bad_images: int = Field(100, ge=0, description="images failing mid-run before stopping")
+
+
+class RunConfig(_Strict):
+    """One run: data, model, training, and where it is written."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    runs_dir: Path = Path("runs")
+    name: str | None = Field(None, description="a label for the run id")
+    seed: int = 0
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """YAML file (optional) + `a.b=value` overrides → validated RunConfig."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ImgclfError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ImgclfError(f"{path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ImgclfError(
+                f"{path} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return validate(raw, source=str(path) if path else "overrides")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-3, true, [1,2])."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ImgclfError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ImgclfError(f"override {item!r}: {p} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ImgclfError(f"invalid {source}:\n" + "\n".join(_explain(e))) from None
+
+
+def _explain(err: ValidationError) -> list[str]:
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        dotted = ".".join(loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join([*loc[:-1], near[0]])}?" if near else ""
+            lines.append(f"  {dotted}: unknown key{hint} (valid: {', '.join(valid)})")
+        else:
+            lines.append(f"  {dotted}: {item['msg']} (got {item.get('input')!r})")
+    return lines
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """Field names of the config model found by walking `loc` from RunConfig."""
+    model: type[BaseModel] = RunConfig
+    for name in loc:
+        field = model.model_fields.get(name)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def resolve(cfg: RunConfig) -> dict[str, Any]:
+    """The full config as plain values, every default filled in."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(resolve(cfg), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,1 @@
+"""The data layer: scan → manifest (+ label map) → split → images → loaders."""

@@ -1,0 +1,66 @@
+"""The real `imgclf` command in a subprocess, as a user types it."""
+
+import json
+import os
+import subprocess
+import sys
+
+from imgclf.data.manifest import read_manifest
+
+import factory as fx
+
+
+def imgclf(*args, cwd):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "imgclf", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_scan_then_split(tmp_path):
+    data = fx.make_class_folder(tmp_path / "pets", classes=("cat", "dog"), per_class=10)
+    r = imgclf("scan", data, "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "20 usable, 0 skipped" in r.stdout
+    manifest_dir = tmp_path / "manifests" / "pets"
+    report = json.loads((manifest_dir / "scan_report.json").read_text())
+    assert report["classes"] == {"cat": 10, "dog": 10}
+    r = imgclf("split", manifest_dir, "--seed", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(manifest_dir)
+    assert m.has_split
+    assert m.report["split"]["per_class"]["cat"] == {"train": 7, "val": 2, "test": 1}
+    r = imgclf("split", manifest_dir, "--train", "0.9", cwd=tmp_path)
+    assert r.returncode == 2 and "sum" in r.stderr
+
+
+def test_unusable_data_exits_non_zero_naming_the_problem(tmp_path):
+    data = fx.make_class_folder(tmp_path / "d", classes=("a", "b"), per_class=2)
+    fx.write_jpeg(data / "stray.jpg")
+    (data / "empty").mkdir()
+    r = imgclf("scan", data, "-o", tmp_path / "m", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "stray.jpg" in r.stdout and "'empty' holds no image files" in r.stdout
+    assert "not usable" in r.stderr
+    assert (tmp_path / "m" / "manifest.csv").is_file(), "the report is still written"
+
+
+def test_scan_overrides_and_config_show(tmp_path):
+    data = fx.make_class_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=(12, 12))
+    r = imgclf("scan", data, "data.scan.min_side=16", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 2 and "too small" in r.stdout
+    r = imgclf("config", "show", "data.image_size=64", cwd=tmp_path)
+    assert r.returncode == 0 and "image_size: 64" in r.stdout
+    r = imgclf("config", "show", "data.imagesize=64", cwd=tmp_path)
+    assert r.returncode == 2 and "did you mean data.image_size?" in r.stderr
+
+
+def test_demo_scans_and_splits_the_digits(tmp_path):
+    r = imgclf("demo", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = read_manifest(tmp_path / "manifests" / "digits")
+    assert len(m.ok_entries) == 1797 and m.has_split
+    assert m.labels.names == tuple(f"digit_{i}" for i in range(10))
+    counts = m.report["split"]["per_class"]["digit_0"]
+    assert sum(counts.values()) == 178 and counts["train"] == round(178 * 0.65)

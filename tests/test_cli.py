@@ -14,8 +14,12 @@ def imgclf(*args, cwd):
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(
         [sys.executable, "-m", "imgclf", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_scan_then_split(tmp_path):
@@ -57,7 +61,7 @@ def test_scan_overrides_and_config_show(tmp_path):
 
 
 def test_demo_scans_and_splits_the_digits(tmp_path):
-    r = imgclf("demo", cwd=tmp_path)
+    r = imgclf("demo", "--no-train", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     m = read_manifest(tmp_path / "manifests" / "digits")
     assert len(m.ok_entries) == 1797 and m.has_split

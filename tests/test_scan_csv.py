@@ -39,9 +39,11 @@ def test_good_csv_with_bom_quotes_relative_and_unicode_paths(images):
     assert m.errors == [], m.errors
     assert m.source == "csv" and m.root == images.resolve()
     assert {e.path for e in m.ok_entries} == {
-        "imgs/a1.png", "imgs/a2.png", "imgs/b, with comma.png",
+        "imgs/a1.png",
+        "imgs/a2.png",
+        "imgs/b, with comma.png",
         unicodedata.normalize("NFD", "imgs/é.png"),
-    }  # fmt: skip
+    }
     assert m.has_split and m.labels.names == ("a", "b")
 
 

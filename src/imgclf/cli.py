@@ -5,6 +5,7 @@ Heavy imports (torch, timm) stay inside the commands that need them so `imgclf s
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -69,6 +70,56 @@ def split(
     print_split_report(report.to_dict(), console)
 
 
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value …")] = None,  # noqa: UP045
+    resume: Annotated[Optional[Path], typer.Option(help="continue this run folder")] = None,  # noqa: UP045
+    force: Annotated[bool, typer.Option(help="resume despite config/data changes")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train one run into runs/<run-id>/ (or continue one with --resume RUN)."""
+    from imgclf.config import load_config
+    from imgclf.train.run import train as run_training
+
+    config, overrides = _split_config_arg(config, overrides)
+    cfg = load_config(config, overrides) if (config or overrides or not resume) else None
+    path = run_training(cfg, resume=resume, force=force, progress=progress, log=console.print)
+    console.print(f"run folder: {path}")
+    status = json.loads((path / "summary.json").read_text())["status"]
+    if status == "interrupted":
+        console.print(f"interrupted and saved; continue with: imgclf train --resume {path}")
+        raise typer.Exit(130)
+
+
+@app.command("lr-find")
+def lr_find(
+    config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value …")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option("-o", "--out", help="plot file")] = Path("lr_find.png"),
+    steps: Annotated[int, typer.Option(help="lrs tried")] = 100,
+) -> None:
+    """Sweep the first stage's learning rate over a short run; plot loss vs lr; suggest one."""
+    from imgclf.config import load_config
+    from imgclf.train.lr_search import find_lr
+
+    config, overrides = _split_config_arg(config, overrides)
+    result = find_lr(load_config(config, overrides), out, num_steps=steps)
+    console.print(f"suggested lr: [bold]{result.suggestion:.2e}[/] ({result.reason}); plot: {out}")
+
+
+@app.command()
+def models(
+    filter: Annotated[Optional[str], typer.Argument(help="pattern, e.g. '*lite*'")] = None,  # noqa: UP045
+) -> None:
+    """List the model names `model.name` accepts (scratch CNNs, then every timm architecture)."""
+    from imgclf.models import list_models
+
+    names = list_models(filter)
+    console.print("\n".join(names), markup=False, highlight=False)
+    console.print(f"{len(names)} models", style="dim")
+
+
 @config_app.command("show")
 def config_show(
     config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
@@ -83,14 +134,18 @@ def config_show(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="where manifests (and later runs) go")] = Path("."),
+    out: Annotated[Path, typer.Option(help="where manifests and runs go")] = Path("."),
+    train: Annotated[bool, typer.Option(help="also train the two demo models")] = True,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="applied to both runs")] = None,  # noqa: UP045
 ) -> None:
-    """The embedded example end to end: scikit-learn digits → scan → split → report."""
-    from imgclf.config import ScanConfig, SplitConfig
+    """The embedded example end to end: digits → scan → split → a scratch CNN and Lite0."""
+    from imgclf.config import ScanConfig, SplitConfig, load_config
+    from imgclf.configs import config_path
     from imgclf.data.example import digits_folder
     from imgclf.data.prepare import split_and_save
     from imgclf.data.scan import scan_to
-    from imgclf.views import print_scan_report, print_split_report
+    from imgclf.train.run import train as run_training
+    from imgclf.views import print_run_table, print_scan_report, print_split_report
 
     folder = digits_folder()
     console.rule("[bold]1. scan")
@@ -100,7 +155,16 @@ def demo(
     console.rule("[bold]2. split")
     _, report = split_and_save(manifest_dir, SplitConfig(), force=True)
     print_split_report(report.to_dict(), console)
-    console.print(f"manifest with split: {manifest_dir}/manifest.csv")
+    if not train:
+        return
+    runs = []
+    for i, name in enumerate(("digits_scratch", "digits_lite0"), start=3):
+        console.rule(f"[bold]{i}. train {name}")
+        where = [f"data.root={folder}", f"data.manifest={manifest_dir}", f"runs_dir={out / 'runs'}"]
+        cfg = load_config(config_path(name), [*where, *(overrides or [])])
+        runs.append(run_training(cfg, progress=sys.stdout.isatty(), log=console.print))
+    console.rule("[bold]results")
+    print_run_table(runs, console)
 
 
 def _split_config_arg(

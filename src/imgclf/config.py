@@ -149,7 +149,12 @@ class StageConfig(_Strict):
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="lr × decay^depth from the head"
     )
-    bn_eval: bool = Field(True, description="frozen BatchNorm layers stay in eval mode")
+    bn: Literal["frozen-eval", "eval", "train"] = Field(
+        "frozen-eval",
+        description="frozen-eval: frozen BatchNorm layers keep their running statistics; "
+        "eval: every BatchNorm does (keeps pretrained statistics when fine-tuning); "
+        "train: every BatchNorm updates them",
+    )
 
     @model_validator(mode="after")
     def _check_trainable(self) -> StageConfig:
@@ -184,6 +189,9 @@ class AugmentConfig(_Strict):
     translate: float | None = Field(None, ge=0, le=0.5)
     erasing: float | None = Field(None, ge=0, le=1)
     noise: float | None = Field(None, ge=0, le=1, description="Gaussian noise std (0–1 scale)")
+    fill: Literal["black", "white", "mean"] = Field(
+        "black", description="rotation/affine fill colour, applied before normalisation"
+    )
 
 
 class EarlyStopping(_Strict):
@@ -211,6 +219,9 @@ class TrainConfig(_Strict):
     channels_last: bool | None = Field(None, description="None: on for GPU")
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     max_bad_images: int = Field(100, ge=0, description="images failing mid-run before stopping")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also save a resumable checkpoint every N batches mid-epoch"
+    )
 
 
 class RunConfig(_Strict):

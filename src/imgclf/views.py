@@ -69,3 +69,26 @@ def print_split_report(split: dict[str, Any], console: Console) -> None:
 def _counts(console: Console, title: str, counts: dict[str, int]) -> None:
     if counts:
         console.print(f"{title}: " + ", ".join(f"{k} × {v}" for k, v in counts.items()))
+
+
+def print_run_table(runs: list, console: Console) -> None:
+    """One row per run folder: model, weights, epochs, parameters, val/test accuracy, time."""
+    import json
+
+    t = Table(title="runs")
+    for col in ("run", "model", "weights", "epochs", "params", "val acc", "test acc", "time"):
+        t.add_column(col, justify="right" if col not in ("run", "model", "weights") else "left")
+    for run in runs:
+        s = json.loads((run / "summary.json").read_text())
+        val, test = s.get("val", {}), s.get("test", {})
+        t.add_row(
+            s["run_id"],
+            s.get("model", ""),
+            s.get("pretrained", ""),
+            str(s.get("epochs", "")),
+            f"{(s.get('params') or {}).get('total', 0):,}",
+            f"{val.get('val_accuracy', float('nan')):.4f}",
+            f"{test.get('test_accuracy', float('nan')):.4f}",
+            f"{s.get('train_seconds', 0):.0f} s",
+        )
+    console.print(t)

@@ -18,10 +18,20 @@ from pathlib import Path
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.manifest import Entry, collision_key, natural_key
 
-JUNK_FILES = {".ds_store": "macOS .DS_Store", "thumbs.db": "Windows Thumbs.db",
-              "desktop.ini": "Windows desktop.ini"}  # fmt: skip
-SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
-              "validation": "val", "test": "test", "testing": "test"}  # fmt: skip
+JUNK_FILES = {
+    ".ds_store": "macOS .DS_Store",
+    "thumbs.db": "Windows Thumbs.db",
+    "desktop.ini": "Windows desktop.ini",
+}
+SPLIT_DIRS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def nfc(s: str) -> str:
@@ -54,8 +64,12 @@ class Discovery:
         self.entries.append(Entry(path=rel, label=label, status="skipped", reason=reason))
 
 
-def discover(source: Path, follow_symlinks: str = "inside", root: Path | None = None,
-             labels: list[str] | None = None) -> Discovery:  # fmt: skip
+def discover(
+    source: Path,
+    follow_symlinks: str = "inside",
+    root: Path | None = None,
+    labels: list[str] | None = None,
+) -> Discovery:
     """Dispatch on the source kind: a folder tree or a CSV file."""
     if source.is_dir():
         return _discover_folder(source.resolve(), follow_symlinks)
@@ -110,10 +124,7 @@ def _top_dirs(folder: Path) -> list[str]:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    return [
-        n for n in names
-        if not n.startswith(".") and n != "__MACOSX" and (folder / n).is_dir()
-    ]  # fmt: skip
+    return [n for n in names if not n.startswith(".") and n != "__MACOSX" and (folder / n).is_dir()]
 
 
 def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):

@@ -14,8 +14,9 @@ from imgclf.data.split import SplitReport, split_manifest
 from imgclf.errors import ImgclfError
 
 
-def split_and_save(manifest_dir: Path, split: SplitConfig, *, force: bool = False
-                   ) -> tuple[Manifest, SplitReport]:  # fmt: skip
+def split_and_save(
+    manifest_dir: Path, split: SplitConfig, *, force: bool = False
+) -> tuple[Manifest, SplitReport]:
     """Split the manifest in `manifest_dir` (respecting a given split) and write it back."""
     manifest = read_manifest(manifest_dir)
     manifest.require_usable(manifest_dir)

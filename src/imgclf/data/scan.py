@@ -45,8 +45,15 @@ def default_manifest_dir(source: Path) -> Path:
     return Path("manifests") / (source.stem if source.is_file() else source.resolve().name)
 
 
-def scan_to(source: Path, out_dir: Path, cfg: ScanConfig, *, root: Path | None = None,
-            labels: list[str] | None = None, progress: bool = True) -> Manifest:  # fmt: skip
+def scan_to(
+    source: Path,
+    out_dir: Path,
+    cfg: ScanConfig,
+    *,
+    root: Path | None = None,
+    labels: list[str] | None = None,
+    progress: bool = True,
+) -> Manifest:
     """Scan `source`, reusing `out_dir`'s previous manifest, and write manifest + report there."""
     previous = None
     if (out_dir / MANIFEST_JSON).is_file():
@@ -60,9 +67,15 @@ def scan_to(source: Path, out_dir: Path, cfg: ScanConfig, *, root: Path | None =
     return manifest
 
 
-def scan(source: Path, cfg: ScanConfig, *, root: Path | None = None,
-         labels: list[str] | None = None, previous: Manifest | None = None,
-         progress: bool = True) -> Manifest:  # fmt: skip
+def scan(
+    source: Path,
+    cfg: ScanConfig,
+    *,
+    root: Path | None = None,
+    labels: list[str] | None = None,
+    previous: Manifest | None = None,
+    progress: bool = True,
+) -> Manifest:
     """Discover, check and hash every candidate; return the manifest with its report."""
     t0 = time.perf_counter()
     source = Path(source)
@@ -100,8 +113,9 @@ def _reusable_rows(previous: Manifest | None, root: Path, cfg: ScanConfig) -> di
     return {e.path: e for e in previous.entries if e.status != "ignored" and e.sha256}
 
 
-def _check_all(found: Discovery, cfg: ScanConfig, reusable: dict[str, Entry],
-               progress: bool) -> tuple[list[Entry], int]:  # fmt: skip
+def _check_all(
+    found: Discovery, cfg: ScanConfig, reusable: dict[str, Entry], progress: bool
+) -> tuple[list[Entry], int]:
     """Stat every candidate; decode only the new or changed ones, in parallel."""
     done: list[Entry] = []
     todo: list[tuple[Candidate, os.stat_result]] = []
@@ -173,15 +187,37 @@ def check_file(job: tuple[str, int, int]) -> dict:
     if ext and info.format and not _extension_matches(ext, info.format):
         notes.insert(0, f"extension {ext} but content is {info.format}")
     return {
-        "status": "ok", "reason": "; ".join(notes), "sha256": sha, "format": info.format,
-        "width": info.width, "height": info.height, "mode": info.mode, "frames": info.frames,
-    }  # fmt: skip
+        "status": "ok",
+        "reason": "; ".join(notes),
+        "sha256": sha,
+        "format": info.format,
+        "width": info.width,
+        "height": info.height,
+        "mode": info.mode,
+        "frames": info.frames,
+    }
 
 
-_EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG",
-                ".gif": "GIF", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP",
-                ".jp2": "JPEG2000", ".ico": "ICO", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM",
-                ".avif": "AVIF", ".heic": "HEIF", ".heif": "HEIF"}  # fmt: skip
+_EXT_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+    ".jp2": "JPEG2000",
+    ".ico": "ICO",
+    ".ppm": "PPM",
+    ".pgm": "PPM",
+    ".pbm": "PPM",
+    ".avif": "AVIF",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
+}
 
 
 def _extension_matches(ext: str, fmt: str) -> bool:
@@ -212,9 +248,10 @@ def _duplicates(entries: list[Entry], cfg: ScanConfig, errors: list[str]) -> dic
                     )
             else:
                 errors.append(
-                    "identical bytes under different labels: " + " = ".join(paths)
+                    "identical bytes under different labels: "
+                    + " = ".join(paths)
                     + " (fix the labels, or set data.scan.label_conflicts=skip)"
-                )  # fmt: skip
+                )
         else:
             out["within_class"].append([e.path for e in group])
         if len({e.split for e in group}) > 1:

@@ -1,0 +1,161 @@
+"""Datasets, samplers and DataLoaders over a manifest.
+
+Reproducibility comes from the sampler, not from worker start-up: the sampler yields
+(index, sample_seed) pairs, and each image is augmented under its own seed inside a forked RNG.
+So the augmentation of image i in epoch e is the same whatever the worker count, and a run
+resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from imgclf.data.images import ImageLoadError, load_image
+from imgclf.data.manifest import Entry, LabelMap
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """An image that failed to load mid-run (deleted, changed, unreadable): skipped and counted."""
+
+    index: int
+    reason: str
+
+
+class ManifestDataset(Dataset):
+    """Images of one split through the one image loader; items are (tensor, target, index)."""
+
+    def __init__(
+        self,
+        root: Path,
+        entries: Sequence[Entry],
+        labels: LabelMap,
+        transform: Callable,
+        *,
+        size_hint: int | None = None,
+        max_pixels: int = 89_478_485,
+        min_side: int = 1,
+    ) -> None:
+        self.paths = [str(Path(root) / e.path) for e in entries]
+        self.rel_paths = [e.path for e in entries]
+        self.targets = [labels.index(e.label) for e in entries]
+        self.transform = transform
+        self.load_kw = {"size_hint": size_hint, "max_pixels": max_pixels, "min_side": min_side}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        try:
+            image = load_image(self.paths[index], **self.load_kw)
+        except ImageLoadError as e:
+            return BadSample(index, str(e))
+        if seed is None:
+            return self.transform(image), self.targets[index], index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.targets[index], index
+
+
+class EpochSampler(Sampler):
+    """A seeded permutation (or class-balanced draw) per epoch, resumable at any position."""
+
+    def __init__(self, n: int, seed: int, weights: Sequence[float] | None = None) -> None:
+        self.n, self.seed = n, seed
+        self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is not None:
+            idx = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        else:
+            idx = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        return torch.stack([idx, seeds], 1)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        yield from (tuple(pair) for pair in self.order()[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+def balanced_weights(targets: Sequence[int], num_classes: int) -> list[float]:
+    """Per-sample weights 1 / class count: every class equally likely per draw."""
+    counts = torch.bincount(torch.as_tensor(targets), minlength=num_classes).double()
+    per_class = torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts))
+    return per_class[torch.as_tensor(targets)].tolist()
+
+
+def collate(batch: list) -> dict:
+    """Stack the good samples; report the bad ones instead of crashing (BAD_INPUTS F10)."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [b for b in batch if isinstance(b, BadSample)]
+    if not good:
+        return {"x": None, "y": None, "index": None, "bad": bad}
+    xs, ys, idx = zip(*good, strict=True)
+    return {"x": torch.stack(xs), "y": torch.tensor(ys), "index": torch.tensor(idx), "bad": bad}
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    sampler: EpochSampler | None = None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    """Training loaders get an EpochSampler (and drop a ragged last batch); evaluation loaders
+    keep manifest order and every image."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=False,
+        # Its own generator: creating an epoch's iterator must not draw from the global RNG,
+        # or a run resumed mid-epoch would see different dropout / mixup draws.
+        generator=torch.Generator().manual_seed(0),
+        prefetch_factor=4 if workers else None,
+    )
+
+
+class PathsDataset(Dataset):
+    """Unlabelled files for prediction; items are (tensor, -1, index) or a BadSample."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        transform: Callable,
+        *,
+        size_hint: int | None = None,
+        max_pixels: int = 89_478_485,
+    ) -> None:
+        self.paths = [str(p) for p in paths]
+        self.transform = transform
+        self.load_kw = {"size_hint": size_hint, "max_pixels": max_pixels, "min_side": 1}
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = load_image(self.paths[index], **self.load_kw)
+        except ImageLoadError as e:
+            return BadSample(index, str(e))
+        return self.transform(image), -1, index

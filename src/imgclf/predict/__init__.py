@@ -1,0 +1,1 @@
+"""Everything after training: rebuild a model from its run folder and predict."""

@@ -1,0 +1,1 @@
+"""Training parts: optimizers, schedules, losses and the LR range test."""

@@ -1,0 +1,122 @@
+"""After training: predictions with the best weights, the curves plot and summary.json.
+
+Predictions are made by the same `Predictor` that later rebuilds the run from its folder, so
+`predictions/test.csv` is exactly what a copied run folder reproduces in a fresh process.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from imgclf.config import RunConfig
+from imgclf.data.manifest import Manifest
+from imgclf.io import atomic_write_text
+from imgclf.predict.predictor import Predictions, Predictor
+from imgclf.runs.plots import plot_curves
+from imgclf.runs.record import MODEL_WEIGHTS, SUMMARY_JSON, RunDir
+from imgclf.train.fit import FitState
+from imgclf.train.loop import classification_metrics
+
+
+def finalize(
+    run: RunDir,
+    cfg: RunConfig,
+    manifest: Manifest,
+    state: FitState,
+    seconds: float,
+    log=print,
+    error: str | None = None,
+) -> dict:
+    """Write predictions (when best weights exist), plots and the summary; return the summary."""
+    summary = run.read_json(SUMMARY_JSON) if (run.path / SUMMARY_JSON).is_file() else {}
+    metrics: dict[str, dict] = {}
+    if (run.path / MODEL_WEIGHTS).is_file() and state.status in ("completed", "interrupted"):
+        predictor = Predictor.from_run(run.path)
+        for split in ("val", "test"):
+            entries = manifest.split_entries(split)
+            if entries:
+                metrics[split] = _predict_split(run, predictor, manifest, split, cfg)
+    plot_curves(state.history, run.path / "plots" / "curves.png", title=run.id)
+    rows = state.history
+    summary.update(
+        {
+            "run_id": run.id,
+            "status": state.status,
+            "error": error,
+            "model": cfg.model.name,
+            "pretrained": cfg.model.pretrained,
+            "best": state.best,
+            "val": metrics.get("val", {}),
+            "test": metrics.get("test", {}),
+            "params": state.params or summary.get("params"),
+            "epochs": len(rows),
+            "train_seconds": round(seconds, 2),
+            "images_per_s": round(sum(r["images_per_s"] for r in rows) / len(rows), 1)
+            if rows
+            else None,
+            "bad_images": sum(r["bad_images"] for r in rows),
+            "position": {"stage": state.stage, "epoch": state.epoch},
+        }
+    )
+    run.write_json(SUMMARY_JSON, summary)
+    test = summary["test"].get("test_accuracy")
+    log(
+        f"run {run.id}: {state.status}"
+        + (f", test accuracy {test:.4f}" if test is not None else "")
+    )
+    return summary
+
+
+def _predict_split(
+    run: RunDir, predictor: Predictor, manifest: Manifest, split: str, cfg: RunConfig
+) -> dict:
+    entries = manifest.split_entries(split)
+    paths = [Path(manifest.root) / e.path for e in entries]
+    preds = predictor.predict_paths(
+        paths, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size
+    )
+    targets = torch.tensor([manifest.labels.index(entries[i].label) for i in preds.ok])
+    write_predictions(
+        run.path / "predictions" / f"{split}.csv",
+        preds,
+        predictor.labels,
+        [e.path for e in entries],
+        [e.label for e in entries],
+    )
+    return classification_metrics(preds.probs, targets, split)
+
+
+def write_predictions(
+    path: Path,
+    preds: Predictions,
+    labels: list[str],
+    rel_paths: list[str],
+    true_labels: list[str] | None = None,
+) -> None:
+    """path, label, predicted, confidence, status, then one probability column per class."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "predicted", "confidence", "status", *(f"p_{n}" for n in labels)])
+    row_of = {i: r for r, i in enumerate(preds.ok)}
+    for i, rel in enumerate(rel_paths):
+        label = true_labels[i] if true_labels else ""
+        if i in row_of:
+            p = preds.probs[row_of[i]]
+            k = int(p.argmax())
+            w.writerow(
+                [
+                    rel,
+                    label,
+                    labels[k],
+                    f"{p[k].item():.6f}",
+                    "ok",
+                    *(f"{v:.6f}" for v in p.tolist()),
+                ]
+            )
+        else:
+            w.writerow([rel, label, "", "", f"error: {preds.errors.get(i, 'unknown')}"])
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,246 @@
+"""Stages × epochs around the loop: trainable policy, optimizer and schedule per stage,
+validation, best weights, early stopping, checkpoints, and resume from any saved position."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from imgclf.config import StageConfig, TrainConfig
+from imgclf.models import (
+    apply_trainable,
+    count_parameters,
+    optimizer_state_numel,
+    param_groups,
+    set_train_mode,
+)
+from imgclf.runs.checkpoint import rng_state, save_checkpoint, set_rng_state
+from imgclf.runs.record import RunDir
+from imgclf.train.loop import EpochState, StopFlag, classification_metrics, predict_loader
+from imgclf.train.loop import train_one_epoch as run_epoch
+from imgclf.train.optim import Schedule, build_optimizer
+
+
+@dataclass
+class FitContext:
+    """Everything `fit` needs, built once by the run orchestration."""
+
+    fabric: Any
+    raw_model: nn.Module  # the module itself: state_dict, freezing
+    model: nn.Module  # the fabric-wrapped module: forward / backward
+    train_loader: Any
+    sampler: Any
+    val_loader: Any
+    loss_fn: nn.Module
+    cfg: TrainConfig
+    run: RunDir
+    identity: dict[str, Any]  # config and data hashes, labels: saved in every checkpoint
+    mixer: Callable | None = None
+    channels_last: bool = False
+    stop: StopFlag = field(default_factory=StopFlag)
+    progress: Callable[[str, EpochState, int], None] | None = None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class FitState:
+    """What survives a restart besides weights and optimizer: plain values only."""
+
+    stage: int = 0
+    epoch: int = 0  # epochs completed in the current stage
+    global_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)
+    patience: dict[str, Any] = field(default_factory=dict)  # per stage: best value, bad epochs
+    epoch_state: dict[str, Any] | None = None  # set when saved mid-epoch
+    params: dict[str, int] = field(default_factory=dict)  # counts in the latest stage
+    status: str = "running"
+
+
+def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitState:
+    """Run every remaining stage; returns the final state (status completed / interrupted)."""
+    stages = ctx.cfg.stages
+    while state.stage < len(stages):
+        stage = stages[state.stage]
+        optimizer, schedule = _stage_setup(ctx, stage, resume)
+        resume = None
+        while state.epoch < stage.epochs:
+            if not _one_epoch(ctx, state, stage, optimizer, schedule):
+                return state
+            if _should_stop_early(ctx.cfg, state):
+                ctx.log(f"early stopping: stage {state.stage} ends after epoch {state.epoch}")
+                state.epoch = stage.epochs
+            _save(ctx, state, optimizer, schedule)
+        state.stage, state.epoch, state.patience = state.stage + 1, 0, {}
+    state.status = "completed"
+    return state
+
+
+def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
+    summary = apply_trainable(ctx.raw_model, stage.trainable)
+    ctx.log(
+        f"stage {stage.name or ''}: trainable={stage.trainable} "
+        f"({summary['trainable']:,} trainable / {summary['frozen']:,} frozen parameters)"
+    )
+    optimizer = build_optimizer(param_groups(ctx.raw_model, stage), stage, ctx.fabric.device.type)
+    optimizer = ctx.fabric.setup_optimizers(optimizer)
+    steps = math.ceil(len(ctx.train_loader) / ctx.cfg.accumulate)
+    schedule = Schedule(optimizer, stage, steps)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+    return optimizer, schedule
+
+
+def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, schedule) -> bool:
+    """Train and validate one epoch; False when a stop was requested mid-epoch."""
+    cfg = ctx.cfg
+    epoch_state = EpochState(**state.epoch_state) if state.epoch_state else EpochState()
+    state.epoch_state = None
+    ctx.sampler.set_epoch(state.global_epoch, start=epoch_state.batches * cfg.batch_size)
+    set_train_mode(ctx.raw_model, True, stage.bn)
+
+    def checkpoint(es: EpochState) -> None:
+        state.epoch_state = asdict(es)
+        _save(ctx, state, optimizer, schedule)
+        state.epoch_state = None
+
+    def step(es: EpochState) -> None:
+        if ctx.progress:
+            ctx.progress(
+                f"stage {state.stage} epoch {state.epoch + 1}/{stage.epochs}",
+                es,
+                len(ctx.train_loader),
+            )
+
+    epoch_state = run_epoch(
+        ctx.fabric,
+        ctx.model,
+        ctx.train_loader,
+        ctx.loss_fn,
+        optimizer,
+        schedule,
+        state=epoch_state,
+        accumulate=cfg.accumulate,
+        grad_clip=cfg.grad_clip,
+        mixer=ctx.mixer,
+        channels_last=ctx.channels_last,
+        stop=ctx.stop,
+        on_step=step,
+        checkpoint_every=cfg.checkpoint_every,
+        on_checkpoint=checkpoint,
+        max_bad=cfg.max_bad_images,
+        sync_every=1 if ctx.fabric.device.type == "cpu" else 25,
+    )
+    if ctx.stop.requested and epoch_state.batches < len(ctx.train_loader):
+        state.epoch_state, state.status = asdict(epoch_state), "interrupted"
+        _save(ctx, state, optimizer, schedule)
+        return False
+    val = predict_loader(ctx.fabric, ctx.model, ctx.val_loader, channels_last=ctx.channels_last)
+    metrics = {
+        **epoch_state.metrics(),
+        **classification_metrics(val["probs"], val["targets"], "val"),
+    }
+    schedule.step_epoch(metrics)
+    row = {
+        "stage": state.stage,
+        "stage_name": stage.name or "",
+        "epoch": state.global_epoch + 1,
+        "stage_epoch": state.epoch + 1,
+        "lr": schedule.lrs()[-1],
+        **metrics,
+        "bad_images": len(epoch_state.bad),
+        "seconds": round(epoch_state.seconds, 3),
+        "images_per_s": round(epoch_state.seen / max(epoch_state.seconds, 1e-9), 1),
+    }
+    state.history.append(row)
+    state.params = {
+        **count_parameters(ctx.raw_model),
+        "optimizer_state": optimizer_state_numel(optimizer),
+    }
+    ctx.run.write_metrics(state.history)
+    _track_best(ctx, state, row)
+    ctx.log(_epoch_line(row))
+    state.epoch += 1
+    state.global_epoch += 1
+    if ctx.stop.requested:
+        state.status = "interrupted"
+        _save(ctx, state, optimizer, schedule)
+        return False
+    return True
+
+
+def metric_mode(name: str) -> str:
+    """Losses and errors are minimised; everything else maximised."""
+    return "min" if ("loss" in name or "error" in name) else "max"
+
+
+def _better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _track_best(ctx: FitContext, state: FitState, row: dict) -> None:
+    name = ctx.cfg.best_metric
+    if name not in row:
+        raise ValueError(f"train.best_metric={name!r} is not measured; choose from {sorted(row)}")
+    if _better(row[name], state.best.get("value"), metric_mode(name)):
+        state.best = {
+            "metric": name,
+            "value": row[name],
+            "epoch": row["epoch"],
+            "stage": row["stage"],
+        }
+        ctx.run.write_weights(ctx.raw_model.state_dict())
+    es = ctx.cfg.early_stopping
+    if es.patience is None:
+        return
+    if es.metric not in row:
+        raise ValueError(
+            f"train.early_stopping.metric={es.metric!r} is not measured: {sorted(row)}"
+        )
+    p = state.patience
+    if _better(row[es.metric], p.get("best"), metric_mode(es.metric), es.min_delta):
+        p["best"], p["bad"] = row[es.metric], 0
+    else:
+        p["bad"] = p.get("bad", 0) + 1
+
+
+def _should_stop_early(cfg: TrainConfig, state: FitState) -> bool:
+    patience = cfg.early_stopping.patience
+    return patience is not None and state.patience.get("bad", 0) >= patience
+
+
+def _save(ctx: FitContext, state: FitState, optimizer, schedule) -> None:
+    save_checkpoint(
+        ctx.run.path,
+        {
+            "model": ctx.raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "fit": asdict(state),
+            "rng": rng_state(),
+            "identity": ctx.identity,
+        },
+    )
+
+
+def restore(checkpoint: dict, raw_model: nn.Module) -> FitState:
+    """Weights and RNG from a checkpoint; optimizer and schedule are restored by `fit`."""
+    raw_model.load_state_dict(checkpoint["model"])
+    set_rng_state(checkpoint["rng"])
+    return FitState(**checkpoint["fit"])
+
+
+def _epoch_line(row: dict) -> str:
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+    vals = "  ".join(f"{k} {row[k]:.4f}" for k in keys if k in row)
+    return (
+        f"epoch {row['epoch']:>3} (stage {row['stage']})  {vals}  lr {row['lr']:.2e}  "
+        f"{row['images_per_s']:.0f} img/s"
+    )

@@ -1,0 +1,180 @@
+"""The visible training loop: one epoch of training, one pass of evaluation.
+
+Plain functions that take values and return values; `fit.py` drives them over stages and
+epochs. Metrics accumulate on the device and are read once per `sync_every` steps, so a GPU is
+not stalled by a host synchronisation every step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgclf.errors import ImgclfError
+
+
+class Diverged(ImgclfError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class StopFlag:
+    """Set by the first Ctrl-C: the loop finishes its step, the caller saves and exits."""
+
+    requested: bool = False
+
+
+@dataclass
+class EpochState:
+    """Running sums of one training epoch; saved in mid-epoch checkpoints."""
+
+    batches: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    bad: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.seen, 1)
+        return {"train_loss": self.loss_sum / n, "train_accuracy": self.correct / n}
+
+
+def train_one_epoch(
+    fabric,
+    model: nn.Module,
+    loader,
+    loss_fn: nn.Module,
+    optimizer,
+    schedule,
+    *,
+    state: EpochState,
+    accumulate: int = 1,
+    grad_clip: float | None = None,
+    mixer: Callable | None = None,
+    channels_last: bool = False,
+    stop: StopFlag | None = None,
+    on_step: Callable[[EpochState], None] | None = None,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable | None = None,
+    max_bad: int = 100,
+    sync_every: int = 1,
+) -> EpochState:
+    """Train over `loader` from `state` on; returns the updated state (stopped early if asked)."""
+    device = fabric.device
+    loss_acc = torch.zeros((), device=device)
+    correct_acc = torch.zeros((), device=device)
+    t0 = time.perf_counter() - state.seconds
+    for batch in loader:
+        state.bad.extend(b.reason for b in batch["bad"])
+        if len(state.bad) > max_bad:
+            raise ImgclfError(
+                f"{len(state.bad)} images failed to load during training (more than "
+                f"train.max_bad_images={max_bad}); first: {state.bad[0]}"
+            )
+        state.batches += 1
+        if batch["x"] is None:
+            continue
+        x = batch["x"].to(device, non_blocking=True)
+        y = batch["y"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
+        is_step = state.batches % accumulate == 0
+        with fabric.no_backward_sync(model, enabled=not is_step):
+            logits = model(x)
+            loss = loss_fn(logits, target)
+            fabric.backward(loss / accumulate)
+        if is_step:
+            if grad_clip:
+                fabric.clip_gradients(model, optimizer, max_norm=grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step_batch()
+        n = y.shape[0]
+        loss_acc += loss.detach().float() * n
+        correct_acc += (logits.detach().argmax(1) == y).sum()
+        state.seen += n
+        if state.batches % sync_every == 0:
+            _sync(state, loss_acc, correct_acc)
+            state.seconds = time.perf_counter() - t0
+            if on_step:
+                on_step(state)
+        if is_step and checkpoint_every and state.batches % checkpoint_every == 0 and on_checkpoint:
+            _sync(state, loss_acc, correct_acc)
+            state.seconds = time.perf_counter() - t0
+            on_checkpoint(state)
+        if stop is not None and stop.requested and is_step:
+            break
+    else:
+        if state.batches % accumulate:  # the epoch's last, partial accumulation still counts
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step_batch()
+    _sync(state, loss_acc, correct_acc)
+    state.seconds = time.perf_counter() - t0
+    return state
+
+
+def _sync(state: EpochState, loss_acc: torch.Tensor, correct_acc: torch.Tensor) -> None:
+    """Move the device sums into the state (one host sync) and check for divergence."""
+    loss_sum = loss_acc.item()
+    if not math.isfinite(loss_sum):
+        raise Diverged(f"training loss became {loss_sum} after {state.batches} batches")
+    state.loss_sum += loss_sum
+    state.correct += correct_acc.item()
+    loss_acc.zero_()
+    correct_acc.zero_()
+
+
+@torch.inference_mode()
+def predict_loader(fabric, model: nn.Module, loader, *, channels_last: bool = False) -> dict:
+    """Logits → probabilities for every good sample, in loader order, plus the bad ones."""
+    model.eval()
+    probs, targets, indices, bad = [], [], [], []
+    for batch in loader:
+        bad.extend(batch["bad"])
+        if batch["x"] is None:
+            continue
+        x = batch["x"].to(fabric.device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        probs.append(F.softmax(model(x).float(), dim=1).cpu())
+        targets.append(batch["y"])
+        indices.append(batch["index"])
+    if not probs:
+        return {
+            "probs": torch.empty(0, 0),
+            "targets": torch.empty(0, dtype=torch.long),
+            "indices": torch.empty(0, dtype=torch.long),
+            "bad": bad,
+        }
+    return {
+        "probs": torch.cat(probs),
+        "targets": torch.cat(targets),
+        "indices": torch.cat(indices),
+        "bad": bad,
+    }
+
+
+def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, prefix: str) -> dict:
+    """Loss (NLL of the probabilities), accuracy and top-5 accuracy where there are > 5 classes."""
+    if len(targets) == 0:
+        return {}
+    logp = probs.clamp_min(1e-12).log()
+    out = {
+        f"{prefix}_loss": F.nll_loss(logp, targets).item(),
+        f"{prefix}_accuracy": (probs.argmax(1) == targets).float().mean().item(),
+    }
+    if probs.shape[1] > 5:
+        top5 = probs.topk(5, dim=1).indices
+        out[f"{prefix}_top5"] = (top5 == targets[:, None]).any(1).float().mean().item()
+    return out

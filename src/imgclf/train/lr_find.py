@@ -1,0 +1,120 @@
+"""The learning-rate range test, independent of any training loop.
+
+`step(lr)` runs one real training step at that lr and returns its loss. The lr grows
+exponentially from start_lr to end_lr; the loss is smoothed (exponential moving average,
+bias-corrected) and the sweep stops once it exceeds `diverge` × the best smoothed loss. The sweep
+trains the model: save its weights before and restore them after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.errors import ImgclfError
+
+
+@dataclass
+class LRFindResult:
+    """The swept lrs, their smoothed losses, the suggested lr and how the sweep ended."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestion: float
+    reason: str
+    raw_losses: list[float] = field(default_factory=list)
+
+
+def lr_find(
+    step: Callable[[float], float],
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 1.0,
+    num_steps: int = 100,
+    smooth: float = 0.98,
+    diverge: float = 4.0,
+) -> LRFindResult:
+    """Sweep the lr exponentially, one `step(lr)` each, and suggest the steepest-descent lr."""
+    if not (0 < start_lr < end_lr and num_steps >= 2 and 0 <= smooth < 1 and diverge > 1):
+        raise ImgclfError(
+            "lr_find needs 0 < start_lr < end_lr, num_steps ≥ 2, 0 ≤ smooth < 1 and diverge > 1; "
+            f"got {start_lr=}, {end_lr=}, {num_steps=}, {smooth=}, {diverge=}"
+        )
+    ratio = end_lr / start_lr
+    lrs: list[float] = []
+    losses: list[float] = []
+    raw: list[float] = []
+    avg, best = 0.0, math.inf
+    reason = f"reached end_lr {end_lr:g}"
+    for i in range(num_steps):
+        lr = start_lr * ratio ** (i / (num_steps - 1))
+        loss = float(step(lr))
+        if not math.isfinite(loss):
+            reason = f"loss became {loss} at lr {lr:.3g}"
+            break
+        avg = smooth * avg + (1 - smooth) * loss
+        smoothed = avg / (1 - smooth ** (i + 1))
+        lrs.append(lr)
+        losses.append(smoothed)
+        raw.append(loss)
+        if smoothed > diverge * best:
+            reason = f"loss diverged (> {diverge:g} × best) at lr {lr:.3g}"
+            break
+        best = min(best, smoothed)
+    if not lrs:
+        raise ImgclfError(f"lr_find: {reason}, the very first step; check the model and data")
+    suggestion, how = suggest(lrs, losses)
+    return LRFindResult(lrs, losses, suggestion, f"{reason}; {how}", raw)
+
+
+def suggest(lrs: list[float], losses: list[float]) -> tuple[float, str]:
+    """The lr of steepest negative slope (in log lr) before the minimum, and how it was chosen."""
+    imin = int(np.argmin(losses))
+    if imin >= 2:
+        slope = np.gradient(np.asarray(losses[: imin + 1]), np.log10(lrs[: imin + 1]))
+        i = int(np.argmin(slope))
+        if slope[i] < 0:
+            return lrs[i], f"suggestion {lrs[i]:.3g}: steepest descent before the minimum"
+    fallback = lrs[imin] / 10
+    return fallback, f"suggestion {fallback:.3g}: lr at the minimum / 10 (no clear descent)"
+
+
+def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
+    """Save the loss-vs-lr curve with the suggestion marked as a PNG (atomic write)."""
+    # The object API with the Agg canvas: no pyplot global state, safe without a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if result.raw_losses:
+        ax.plot(result.lrs, result.raw_losses, color="0.75", lw=0.8, label="loss")
+    ax.plot(result.lrs, result.losses, color="C0", label="smoothed loss")
+    ax.axvline(result.suggestion, color="C3", ls="--", label=f"suggestion {result.suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    if result.losses:
+        # Keep the diverging tail from flattening the interesting part of the curve.
+        low, high = min(result.losses + result.raw_losses), result.losses[0]
+        ax.set_ylim(low - 0.1 * abs(high - low), max(high, low) + 0.5 * abs(high - low) + 1e-12)
+    ax.legend()
+    ax.set_title(result.reason, fontsize=8)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,306 @@
+"""One training run end to end: data → model → fit → best weights → predictions → summary.
+
+`train(cfg)` starts a run; `train(cfg=None, resume=RUN)` continues one from its last checkpoint
+after checking that the config and the data are the ones it started with.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from imgclf.config import RunConfig, dump_yaml, resolve, validate
+from imgclf.data.loaders import EpochSampler, ManifestDataset, balanced_weights, make_loader
+from imgclf.data.manifest import Manifest
+from imgclf.data.prepare import prepare
+from imgclf.data.transforms import eval_transform, resolve_augment, train_transform
+from imgclf.errors import ImgclfError
+from imgclf.models import build_model, count_parameters, model_size_mb
+from imgclf.runs.checkpoint import CHECKPOINT, load_checkpoint, load_state_strict, load_weights
+from imgclf.runs.record import (
+    CONFIG_YAML,
+    MODEL_WEIGHTS,
+    SUMMARY_JSON,
+    RunDir,
+    config_hash,
+    environment,
+    new_run_id,
+)
+from imgclf.train.finalize import finalize
+from imgclf.train.fit import FitContext, FitState, fit, restore
+from imgclf.train.loop import Diverged, StopFlag
+from imgclf.train.losses import batch_mixer, build_loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    cfg: RunConfig | None = None,
+    *,
+    resume: Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Train one run (or resume one); returns the run folder."""
+    checkpoint = None
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = validate(yaml.safe_load((run.path / CONFIG_YAML).read_text()), str(run.path))
+        if cfg is not None and resolve(cfg) != resolve(saved) and not force:
+            raise ImgclfError(
+                f"cannot resume {run.path} with a different config:\n"
+                + _diff(resolve(saved), resolve(cfg))
+                + "\n(--force to resume anyway)"
+            )
+        cfg = saved if cfg is None or not force else cfg
+        checkpoint = load_checkpoint(run.path / CHECKPOINT)
+    assert cfg is not None
+    seed_everything(cfg.seed)
+    manifest, manifest_dir = prepare(cfg.data, progress=progress)
+    labels = list(manifest.labels.names)
+    model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
+    if cfg.model.init_from:
+        _warm_start(model, cfg.model.init_from, log)
+    identity = {
+        "config": config_hash(resolve(cfg)),
+        "data": manifest.data_hash(),
+        "labels": labels,
+        "spec": model.spec,
+    }
+    if checkpoint is None:
+        run = RunDir.create(cfg.runs_dir, new_run_id(cfg.model.name, cfg.name))
+        _write_run_header(run, cfg, manifest, manifest_dir, pre, model, identity)
+        state = FitState()
+    else:
+        _check_identity(run.path, checkpoint["identity"], identity, force)
+        state = restore(checkpoint, model)
+        log(f"resuming {run.id} at stage {state.stage}, epoch {state.epoch}")
+    return _fit_and_finish(
+        cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+    )
+
+
+def _fit_and_finish(cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator=cfg.train.accelerator, devices=1, precision=_precision(cfg))
+    channels_last = (
+        cfg.train.channels_last
+        if cfg.train.channels_last is not None
+        else fabric.device.type == "cuda"
+    )
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = fabric.setup_module(model)
+    train_loader, sampler, val_loader = build_loaders(cfg, manifest, pre)
+    counts = np.bincount(train_loader.dataset.targets, minlength=len(manifest.labels)).tolist()
+    ctx = FitContext(
+        fabric=fabric,
+        raw_model=model,
+        model=wrapped,
+        train_loader=train_loader,
+        sampler=sampler,
+        val_loader=val_loader,
+        loss_fn=build_loss(cfg.train, counts).to(fabric.device),
+        cfg=cfg.train,
+        run=run,
+        identity=identity,
+        mixer=batch_mixer(cfg.train, len(manifest.labels)),
+        channels_last=channels_last,
+        log=log,
+    )
+    t0 = time.perf_counter()
+    try:
+        with _interruptible(ctx.stop, log), _progress(ctx, progress):
+            state = fit(ctx, state, resume=checkpoint)
+    except Diverged as e:
+        state.status = "diverged"
+        finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e))
+        raise
+    except Exception as e:
+        state.status = "failed"
+        finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e))
+        raise
+    finalize(run, cfg, manifest, state, time.perf_counter() - t0, log)
+    return run.path
+
+
+def _precision(cfg: RunConfig) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    if cfg.train.accelerator in ("auto", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_loaders(cfg: RunConfig, manifest: Manifest, pre):
+    """Train loader (with its resumable sampler) and validation loader for a manifest."""
+    size, t = pre.input_size, cfg.train
+    train_tf = train_transform(t.augment, size, pre.mean, pre.std, pre.interpolation)
+    eval_tf = eval_transform(size, pre.mean, pre.std, pre.interpolation, pre.crop_pct)
+    common = {
+        "size_hint": size,
+        "max_pixels": cfg.data.scan.max_pixels,
+        "min_side": cfg.data.scan.min_side,
+    }
+    train_ds = ManifestDataset(
+        manifest.root, manifest.split_entries("train"), manifest.labels, train_tf, **common
+    )
+    val_entries = manifest.split_entries("val")
+    if not train_ds.paths or not val_entries:
+        raise ImgclfError(
+            f"training needs images in train and val splits; got {len(train_ds)} "
+            f"train and {len(val_entries)} val (see data.split)"
+        )
+    val_ds = ManifestDataset(manifest.root, val_entries, manifest.labels, eval_tf, **common)
+    weights = (
+        balanced_weights(train_ds.targets, len(manifest.labels))
+        if t.imbalance == "sampler"
+        else None
+    )
+    sampler = EpochSampler(len(train_ds), cfg.seed, weights)
+    pin = torch.cuda.is_available()
+    # A last batch of one or two images makes BatchNorm statistics meaningless: drop it.
+    train_loader = make_loader(
+        train_ds,
+        t.batch_size,
+        workers=t.workers,
+        sampler=sampler,
+        pin_memory=pin,
+        drop_last=len(train_ds) > t.batch_size,
+    )
+    val_loader = make_loader(
+        val_ds, t.eval_batch_size or t.batch_size, workers=t.workers, pin_memory=pin
+    )
+    return train_loader, sampler, val_loader
+
+
+def _write_run_header(run: RunDir, cfg, manifest: Manifest, manifest_dir, pre, model, identity):
+    run.write_config(dump_yaml(cfg))
+    device = "cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu"
+    run.write_json("environment.json", environment(cfg.seed, device))
+    split = manifest.report.get("split", {})
+    run.write_json(
+        "data.json",
+        {
+            "manifest": str(manifest_dir),
+            "root": str(manifest.root),
+            "data_hash": identity["data"],
+            "labels": identity["labels"],
+            "split": split.get("per_class"),
+            "split_settings": {k: split.get(k) for k in ("fractions", "seed", "source")},
+            "augment": resolve_augment(cfg.train.augment),
+        },
+    )
+    run.write_model_json(model.spec, pre.to_dict(), identity["labels"])
+    run.write_json(
+        SUMMARY_JSON,
+        {
+            "run_id": run.id,
+            "status": "running",
+            "params": count_parameters(model),
+            "model_size_mb": model_size_mb(model),
+        },
+    )
+
+
+def _warm_start(model: torch.nn.Module, source: Path, log) -> None:
+    """Start from an earlier run's best weights (its head too when the classes match)."""
+    path = Path(source) / MODEL_WEIGHTS if Path(source).is_dir() else Path(source)
+    state = load_weights(path)
+    own = model.state_dict()
+    head_mismatch = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if head_mismatch:
+        log(f"warm start: {len(head_mismatch)} tensors differ in shape (a new head); kept fresh")
+        state = {k: v for k, v in state.items() if k not in head_mismatch}
+        state = {**own, **state}
+    load_state_strict(model, state, path)
+
+
+def _check_identity(run_path: Path, saved: dict, now: dict, force: bool) -> None:
+    diffs = []
+    if saved["data"] != now["data"]:
+        diffs.append(f"data version: {saved['data'][:12]} → {now['data'][:12]} (images changed)")
+    if saved["labels"] != now["labels"]:
+        diffs.append(f"classes: {saved['labels']} → {now['labels']}")
+    if saved["spec"] != now["spec"]:
+        diffs.append("model architecture differs")
+    if diffs and not force:
+        raise ImgclfError(
+            f"cannot resume {run_path}: " + "; ".join(diffs) + " (--force to resume anyway)"
+        )
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        parts = [
+            _diff(old.get(k), new.get(k), f"{prefix}{k}.") for k in dict.fromkeys([*old, *new])
+        ]
+        return "\n".join(p for p in parts if p)
+    return f"  {prefix.rstrip('.')}: {old!r} → {new!r}" if old != new else ""
+
+
+@contextmanager
+def _interruptible(stop: StopFlag, log):
+    """First Ctrl-C: finish the step, save, exit with a status. Second: stop at once."""
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if stop.requested:
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        stop.requested = True
+        log("interrupt: finishing this step and saving (Ctrl-C again to stop at once)")
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _progress(ctx: FitContext, show: bool):
+    if not show:
+        yield
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[stats]}"),
+    ]
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("training", total=1, stats="")
+
+        def update(desc, es, total):
+            rate = es.seen / max(es.seconds, 1e-9)
+            stats = (
+                f"loss {es.loss_sum / max(es.seen, 1):.4f} acc {es.correct / max(es.seen, 1):.3f} "
+                f"{rate:.0f} img/s"
+            )
+            bar.update(task, description=desc, completed=es.batches, total=total, stats=stats)
+
+        ctx.progress = update
+        ctx.log = bar.console.print
+        yield

@@ -1,0 +1,249 @@
+"""Training runs end to end on a tiny generated folder: the run folder, determinism, resume,
+warm start, imbalance options, divergence, and rebuilding a copied run in a fresh process."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgclf.config import load_config
+from imgclf.errors import ImgclfError
+from imgclf.train.run import train
+
+import factory as fx
+
+TINY = [
+    "model.name=scratch_cnn",
+    "model.pretrained=none",
+    "model.scratch.blocks=2",
+    "model.scratch.width=8",
+    "data.image_size=32",
+    "train.batch_size=8",
+    "train.augment.preset=light",
+    "data.split.train=0.6",
+    "data.split.val=0.2",
+    "data.split.test=0.2",
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return fx.make_class_folder(
+        tmp_path / "shapes", classes=("a", "b", "c"), per_class=10, size=(40, 40)
+    )
+
+
+def cfg_for(data, tmp_path, *extra):
+    return load_config(
+        None,
+        [
+            f"data.root={data}",
+            f"runs_dir={tmp_path / 'runs'}",
+            f"data.manifest={tmp_path / 'manifest'}",
+            *TINY,
+            *extra,
+        ],
+    )
+
+
+def metrics_without_time(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rows]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_folder_is_complete(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 2, schedule: cosine, lr: 0.01}]")
+    run = train(cfg, progress=False, log=lambda *_: None)
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "data.json",
+        "metrics.csv",
+        "summary.json",
+        "model.safetensors",
+        "model.json",
+        "checkpoints/last.pt",
+        "plots/curves.png",
+        "predictions/val.csv",
+        "predictions/test.csv",
+    ):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 2
+    assert set(summary["params"]) >= {"total", "trainable", "non_trainable", "optimizer_state"}
+    # AdamW keeps two moments per trainable parameter, plus one step counter per tensor.
+    trainable = summary["params"]["trainable"]
+    assert 2 * trainable < summary["params"]["optimizer_state"] < 2 * trainable + 50
+    assert 0 <= summary["test"]["test_accuracy"] <= 1 and "val_loss" in summary["val"]
+    model_json = json.loads((run / "model.json").read_text())
+    assert model_json["labels"] == ["a", "b", "c"]
+    assert model_json["preprocessing"]["input_size"] == 32
+    data_json = json.loads((run / "data.json").read_text())
+    assert data_json["split"]["a"] == {"train": 6, "val": 2, "test": 2}
+    assert len(metrics_without_time(run)) == 2
+    assert not any(p.name.endswith(".tmp") for p in run.rglob("*")), "no temporary files left"
+    # The resolved config in the run folder is enough to repeat the run.
+    assert load_config(run / "config.yaml") == cfg
+
+
+def test_same_seed_twice_gives_identical_metrics_and_weights(data, tmp_path):
+    stages = "train.stages=[{epochs: 2, lr: 0.01}]"
+    a = train(cfg_for(data, tmp_path, stages), progress=False, log=lambda *_: None)
+    b = train(cfg_for(data, tmp_path, stages), progress=False, log=lambda *_: None)
+    assert metrics_without_time(a) == metrics_without_time(b)
+    assert same_weights(a, b)
+    c = train(cfg_for(data, tmp_path, stages, "seed=1"), progress=False, log=lambda *_: None)
+    assert not same_weights(a, c)
+
+
+@pytest.mark.parametrize("imbalance", ["weighted_loss", "sampler", "focal"])
+def test_imbalance_options_train(data, tmp_path, imbalance):
+    cfg = cfg_for(data, tmp_path, f"train.imbalance={imbalance}", "train.stages=[{epochs: 1}]")
+    run = train(cfg, progress=False, log=lambda *_: None)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_staged_training_and_warm_start(data, tmp_path):
+    stages = (
+        "train.stages=[{trainable: head, epochs: 1, lr: 0.01}, "
+        "{trainable: all, epochs: 1, lr: 0.001}]"
+    )
+    first = train(cfg_for(data, tmp_path, stages), progress=False, log=lambda *_: None)
+    rows = metrics_without_time(first)
+    assert [r["stage"] for r in rows] == ["0", "1"]
+    warm = cfg_for(
+        data,
+        tmp_path,
+        f"model.init_from={first}",
+        "train.stages=[{trainable: head, epochs: 1, lr: 1e-9}]",
+    )
+    second = train(warm, progress=False, log=lambda *_: None)
+    # An lr of 1e-9 leaves the warm-started weights (all but the trained head) as they were.
+    w1, w2 = weights(first), weights(second)
+    body = [k for k in w1 if not k.startswith("head.")]
+    assert body and all(torch.equal(w1[k], w2[k]) for k in body)
+    assert str(first) in (second / "config.yaml").read_text()
+
+
+def test_divergence_is_recorded(data, tmp_path):
+    cfg = cfg_for(
+        data,
+        tmp_path,
+        "train.stages=[{epochs: 2, lr: 1.0e+12, schedule: constant, optimizer: sgd}]",
+    )
+    with pytest.raises(ImgclfError, match="training loss became"):
+        train(cfg, progress=False, log=lambda *_: None)
+    run = next((tmp_path / "runs").iterdir())
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_resume_refuses_changed_config_and_corrupt_checkpoints(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]")
+    run = train(cfg, progress=False, log=lambda *_: None)
+    changed = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "train.batch_size=4")
+    with pytest.raises(ImgclfError, match=r"train\.batch_size: 8 → 4"):
+        train(changed, resume=run, progress=False)
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    with pytest.raises(ImgclfError, match=r"last\.pt is truncated or corrupt"):
+        train(None, resume=run, progress=False)
+
+
+def imgclf_cmd(*args):
+    return [sys.executable, "-m", "imgclf", *map(str, args)]
+
+
+def test_kill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    """BAD_INPUTS F1: kill -9 during training; --resume ends with the same weights and metrics."""
+    data = fx.make_class_folder(
+        tmp_path / "d", classes=("a", "b", "c"), per_class=25, size=(40, 40)
+    )
+    args = [
+        *TINY,
+        "train.stages=[{epochs: 2, lr: 0.01}, {trainable: head, epochs: 1, lr: 0.001}]",
+        "train.checkpoint_every=1",
+        f"data.root={data}",
+        f"data.manifest={tmp_path / 'manifest'}",
+    ]
+    ref = train(
+        load_config(None, [*args, f"runs_dir={tmp_path / 'ref'}"]),
+        progress=False,
+        log=lambda *_: None,
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    runs = tmp_path / "killed"
+    proc = subprocess.Popen(
+        imgclf_cmd("train", *args, f"runs_dir={runs}", "--no-progress"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # unannounced, a step or two after the first save
+    proc.wait()
+    run = next(runs.iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "running", "the kill must land before the run finished"
+    r = subprocess.run(
+        imgclf_cmd("train", "--resume", run, "--no-progress"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert metrics_without_time(run) == metrics_without_time(ref)
+    assert same_weights(run, ref)
+
+
+def test_copied_run_reproduces_test_predictions_in_a_fresh_process(data, tmp_path):
+    run = train(
+        cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]"), progress=False, log=lambda *_: None
+    )
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run, copy)
+    for name in ("config.yaml", "data.json", "checkpoints"):
+        p = copy / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    script = (
+        "import csv, sys\n"
+        "from imgclf.predict.predictor import Predictor\n"
+        "from imgclf.train.finalize import write_predictions\n"
+        "run, root, out = sys.argv[1:]\n"
+        "rows = list(csv.DictReader(open(f'{run}/predictions/test.csv')))\n"
+        "p = Predictor.from_run(run)\n"
+        "preds = p.predict_paths([f'{root}/{r[\"path\"]}' for r in rows], batch_size=8)\n"
+        "paths, labels = [r['path'] for r in rows], [r['label'] for r in rows]\n"
+        "write_predictions(out, preds, p.labels, paths, labels)\n"
+    )
+    out = tmp_path / "again.csv"
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(copy), str(data), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == (run / "predictions" / "test.csv").read_text()

@@ -76,13 +76,12 @@ def print_run_table(runs: list, console: Console) -> None:
     import json
 
     t = Table(title="runs")
-    for col in ("run", "model", "weights", "epochs", "params", "val acc", "test acc", "time"):
-        t.add_column(col, justify="right" if col not in ("run", "model", "weights") else "left")
+    for col in ("model", "weights", "epochs", "params", "val acc", "test acc", "time"):
+        t.add_column(col, justify="left" if col in ("model", "weights") else "right")
     for run in runs:
         s = json.loads((run / "summary.json").read_text())
         val, test = s.get("val", {}), s.get("test", {})
         t.add_row(
-            s["run_id"],
             s.get("model", ""),
             s.get("pretrained", ""),
             str(s.get("epochs", "")),
@@ -92,3 +91,5 @@ def print_run_table(runs: list, console: Console) -> None:
             f"{s.get('train_seconds', 0):.0f} s",
         )
     console.print(t)
+    for run in runs:
+        console.print(f"run folder: {run}", highlight=False)

@@ -93,6 +93,8 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
+        if resume.get("precision"):
+            ctx.fabric.strategy.precision.load_state_dict(resume["precision"])
     return optimizer, schedule
 
 
@@ -223,6 +225,8 @@ def _save(ctx: FitContext, state: FitState, optimizer, schedule) -> None:
             "model": ctx.raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
+            # the fp16 grad scaler (empty for fp32 and bf16)
+            "precision": ctx.fabric.strategy.precision.state_dict(),
             "fit": asdict(state),
             "rng": rng_state(),
             "identity": ctx.identity,

@@ -126,6 +126,10 @@ def _fit_and_finish(cfg, run, manifest, model, pre, state, checkpoint, identity,
     try:
         with _interruptible(ctx.stop, log), _progress(ctx, progress):
             state = fit(ctx, state, resume=checkpoint)
+    except KeyboardInterrupt:  # a second Ctrl-C: record it, write nothing else, stop
+        summary = run.read_json(SUMMARY_JSON)
+        run.write_json(SUMMARY_JSON, {**summary, "status": "interrupted", "error": "second Ctrl-C"})
+        raise
     except Diverged as e:
         state.status = "diverged"
         finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e))

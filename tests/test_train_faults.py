@@ -1,0 +1,136 @@
+"""BAD_INPUTS F4–F6 for training: Ctrl-C once and twice, checkpoints that must be refused,
+resuming against changed data."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from imgclf.config import load_config
+from imgclf.errors import ImgclfError
+from imgclf.predict.predictor import Predictor
+from imgclf.runs.checkpoint import load_checkpoint
+from imgclf.train.run import train
+from test_train import TINY, cfg_for, metrics_without_time, same_weights
+
+import factory as fx
+
+STAGES = "train.stages=[{epochs: 3, lr: 0.01}]"
+
+
+def quiet(*_):
+    return None
+
+
+def start_training(args, runs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "imgclf", "train", *args, f"runs_dir={runs}", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.fixture
+def slow_data(tmp_path):
+    """Enough batches per epoch that a signal lands mid-epoch."""
+    return fx.make_class_folder(
+        tmp_path / "d", classes=("a", "b", "c"), per_class=25, size=(40, 40)
+    )
+
+
+def test_ctrl_c_once_saves_and_resume_matches_an_uninterrupted_run(slow_data, tmp_path):
+    args = [*TINY, STAGES, f"data.root={slow_data}", f"data.manifest={tmp_path / 'm'}"]
+    ref = train(
+        load_config(None, [*args, f"runs_dir={tmp_path / 'ref'}"]), progress=False, log=quiet
+    )
+    runs = tmp_path / "runs"
+    proc = start_training([*args, "train.checkpoint_every=1"], runs)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: imgclf train --resume" in out
+    run = next(runs.iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["fit"]["status"] == "interrupted"
+    resume = [sys.executable, "-m", "imgclf", "train", "--resume", str(run), "--no-progress"]
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert metrics_without_time(run) == metrics_without_time(ref)
+    assert same_weights(run, ref)
+
+
+def test_ctrl_c_twice_stops_without_corrupting_the_run(slow_data, tmp_path):
+    args = [*TINY, STAGES, f"data.root={slow_data}", f"data.manifest={tmp_path / 'm'}"]
+    runs = tmp_path / "runs"
+    proc = start_training([*args, "train.checkpoint_every=1"], runs)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    run = next(runs.iterdir())
+    for name in ("summary.json", "model.json", "data.json", "environment.json"):
+        json.loads((run / name).read_text())  # every file is whole
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    load_checkpoint(run / "checkpoints" / "last.pt")
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_checkpoints_that_must_be_refused(tmp_path):
+    data = fx.make_class_folder(
+        tmp_path / "d", classes=("a", "b", "c"), per_class=10, size=(40, 40)
+    )
+    run = train(cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]"), progress=False, log=quiet)
+    ckpt = run / "checkpoints" / "last.pt"
+    good = ckpt.read_bytes()
+
+    marker = tmp_path / "pwned"
+    ckpt.write_bytes(pickle.dumps({"format": 1, "model": Exploit(marker)}))
+    with pytest.raises(ImgclfError, match=r"last\.pt refused"):
+        train(None, resume=run, progress=False)
+    assert not marker.exists(), "the pickle ran code"
+
+    ckpt.write_bytes(b"")
+    with pytest.raises(ImgclfError, match=r"last\.pt is truncated or corrupt"):
+        train(None, resume=run, progress=False)
+    flipped = bytearray(good)
+    for i in range(len(flipped) // 3, len(flipped) // 3 + 64):
+        flipped[i] ^= 0xFF
+    ckpt.write_bytes(bytes(flipped))
+    with pytest.raises(ImgclfError, match=r"last\.pt"):
+        train(None, resume=run, progress=False)
+
+    # Weights of another architecture are refused by name, never half-loaded.
+    other = train(cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "model.scratch.width=4"),
+                  progress=False, log=quiet)  # fmt: skip
+    (run / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ImgclfError, match=r"model\.safetensors does not fit this architecture"):
+        Predictor.from_run(run)
+
+
+def test_resume_after_the_data_changed_lists_the_difference(tmp_path):
+    data = fx.make_class_folder(
+        tmp_path / "d", classes=("a", "b", "c"), per_class=10, size=(40, 40)
+    )
+    run = train(cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]"), progress=False, log=quiet)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    fx.write_png(data / "a" / "new.png", size=(40, 40), seed=999)
+    with pytest.raises(ImgclfError, match="data version"):
+        train(None, resume=run, progress=False)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before, "nothing was overwritten"

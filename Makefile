@@ -34,6 +34,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan.py
+	$(BIN)/python benchmarks/train_loop.py
 
 # Re-pin every package in the environment (run after changing dependencies in pyproject.toml).
 lock: $(STAMP)

@@ -68,3 +68,31 @@ def test_demo_scans_and_splits_the_digits(tmp_path):
     assert m.labels.names == tuple(f"digit_{i}" for i in range(10))
     counts = m.report["split"]["per_class"]["digit_0"]
     assert sum(counts.values()) == 178 and counts["train"] == round(178 * 0.65)
+
+
+def test_models_lists_scratch_presets_and_timm(tmp_path):
+    r = imgclf("models", "*lite*", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.split()
+    assert "tf_efficientnet_lite0" in names and "resnet50" not in names
+    r = imgclf("models", cwd=tmp_path)
+    assert "scratch_cnn" in r.stdout.split() and "resnet50" in r.stdout.split()
+
+
+def test_train_and_lr_find_from_the_command_line(tmp_path):
+    data = fx.make_class_folder(tmp_path / "d", classes=("a", "b"), per_class=8, size=(32, 32))
+    common = [
+        f"data.root={data}",
+        "model.name=scratch_small",
+        "data.image_size=32",
+        "train.batch_size=4",
+    ]
+    r = imgclf("lr-find", *common, "--steps", "30", "-o", tmp_path / "lr.png", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "suggested lr:" in r.stdout and (tmp_path / "lr.png").stat().st_size > 1000
+    r = imgclf("train", *common, "train.stages=[{epochs: 1}]", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    r = imgclf("train", *common, "train.stages=[{epoks: 1}]", cwd=tmp_path)
+    assert r.returncode == 2 and "epoks" in r.stderr

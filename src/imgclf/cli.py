@@ -6,6 +6,7 @@ Heavy imports (torch, timm) stay inside the commands that need them so `imgclf s
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -171,7 +172,7 @@ def _split_config_arg(
     config: Path | None, overrides: list[str] | None
 ) -> tuple[Path | None, list[str]]:
     """`imgclf config show a.b=1` has no file: the first argument is then an override."""
-    if config is not None and "=" in config.name and not config.exists():
+    if config is not None and re.match(r"^[A-Za-z_][\w.]*=", str(config)) and not config.exists():
         return None, [str(config), *(overrides or [])]
     return config, list(overrides or [])
 

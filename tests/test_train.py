@@ -247,3 +247,53 @@ def test_copied_run_reproduces_test_predictions_in_a_fresh_process(data, tmp_pat
     )
     assert r.returncode == 0, r.stderr
     assert out.read_text() == (run / "predictions" / "test.csv").read_text()
+
+
+def test_early_stopping_ends_a_stage_and_the_next_one_runs(data, tmp_path):
+    # A learning rate of 1e-12 with BatchNorm statistics frozen cannot improve val_loss by
+    # min_delta: with patience 1 the first stage stops after its second epoch, not its fifth.
+    stages = (
+        "train.stages=[{epochs: 5, lr: 1.0e-12, schedule: constant, bn: eval}, "
+        "{epochs: 1, lr: 0.01, schedule: constant}]"
+    )
+    cfg = cfg_for(
+        data,
+        tmp_path,
+        stages,
+        "train.early_stopping={metric: val_loss, patience: 1, min_delta: 0.001}",
+    )
+    run = train(cfg, progress=False, log=lambda *_: None)
+    assert [r["stage"] for r in metrics_without_time(run)] == ["0", "0", "1"]
+
+
+def test_accumulation_clipping_and_mixing_train(data, tmp_path):
+    cfg = cfg_for(
+        data, tmp_path, "train.accumulate=2", "train.grad_clip=1.0", "train.mixup=0.2",
+        "train.cutmix=1.0", "train.label_smoothing=0.1",
+        "train.stages=[{epochs: 2, schedule: onecycle, lr: 0.01}]",
+    )  # fmt: skip
+    run = train(cfg, progress=False, log=lambda *_: None)
+    rows = metrics_without_time(run)
+    assert (
+        len(rows) == 2 and json.loads((run / "summary.json").read_text())["status"] == "completed"
+    )
+    # One-cycle ends at lr / 25e4: the schedule saw every (accumulated) optimizer step.
+    assert float(rows[-1]["lr"]) == pytest.approx(0.01 / 25e4, rel=1e-3)
+
+
+def test_images_that_vanish_after_the_scan_are_skipped_and_counted(data, tmp_path):
+    from imgclf.config import ScanConfig
+    from imgclf.data.prepare import split_and_save
+    from imgclf.data.scan import scan_to
+
+    manifest_dir = tmp_path / "scanned"
+    scan_to(data, manifest_dir, ScanConfig(workers=1), progress=False)
+    split, _ = split_and_save(manifest_dir, load_config(None).data.split)
+    gone = split.split_entries("train")[:2]
+    for e in gone:
+        (data / e.path).unlink()
+    cfg = load_config(None, [f"data.manifest={manifest_dir}", f"runs_dir={tmp_path / 'runs'}",
+                             *TINY, "train.stages=[{epochs: 1}]"])  # fmt: skip
+    run = train(cfg, progress=False, log=lambda *_: None)
+    assert metrics_without_time(run)[0]["bad_images"] == "2"
+    assert json.loads((run / "summary.json").read_text())["bad_images"] == 2

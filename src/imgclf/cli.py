@@ -9,7 +9,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -30,11 +30,11 @@ err_console = Console(stderr=True)
 @app.command()
 def scan(
     data: Annotated[Path, typer.Argument(help="class-folder tree, or CSV of path,label[,split]")],
-    out: Annotated[Optional[Path], typer.Option("-o", "--out", help="manifest folder")] = None,  # noqa: UP045
-    root: Annotated[Optional[Path], typer.Option(help="data root for CSV paths")] = None,  # noqa: UP045
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="manifest folder")] = None,
+    root: Annotated[Path | None, typer.Option(help="data root for CSV paths")] = None,
     labels: Annotated[Path | None, typer.Option(help="file with one class name per line")] = None,
     config: Annotated[Path | None, typer.Option("-c", "--config", help="run config YAML")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="data.scan.key=value …")] = None,  # noqa: UP045
+    overrides: Annotated[list[str] | None, typer.Argument(help="data.scan.key=value …")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Validate every image (full decode), write the manifest and a report."""
@@ -73,9 +73,9 @@ def split(
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value …")] = None,  # noqa: UP045
-    resume: Annotated[Optional[Path], typer.Option(help="continue this run folder")] = None,  # noqa: UP045
+    config: Annotated[Path | None, typer.Argument(help="run config YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value …")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run folder")] = None,
     force: Annotated[bool, typer.Option(help="resume despite config/data changes")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -95,8 +95,8 @@ def train(
 
 @app.command("lr-find")
 def lr_find(
-    config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value …")] = None,  # noqa: UP045
+    config: Annotated[Path | None, typer.Argument(help="run config YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value …")] = None,
     out: Annotated[Path, typer.Option("-o", "--out", help="plot file")] = Path("lr_find.png"),
     steps: Annotated[int, typer.Option(help="lrs tried")] = 100,
 ) -> None:
@@ -111,7 +111,7 @@ def lr_find(
 
 @app.command()
 def models(
-    filter: Annotated[Optional[str], typer.Argument(help="pattern, e.g. '*lite*'")] = None,  # noqa: UP045
+    filter: Annotated[str | None, typer.Argument(help="pattern, e.g. '*lite*'")] = None,
 ) -> None:
     """List the model names `model.name` accepts (scratch CNNs, then every timm architecture)."""
     from imgclf.models import list_models
@@ -123,8 +123,8 @@ def models(
 
 @config_app.command("show")
 def config_show(
-    config: Annotated[Optional[Path], typer.Argument(help="run config YAML")] = None,  # noqa: UP045
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="section.key=value …")] = None,  # noqa: UP045
+    config: Annotated[Path | None, typer.Argument(help="run config YAML")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value …")] = None,
 ) -> None:
     """Print the fully resolved config, every default filled in."""
     from imgclf.config import dump_yaml, load_config
@@ -137,7 +137,7 @@ def config_show(
 def demo(
     out: Annotated[Path, typer.Option(help="where manifests and runs go")] = Path("."),
     train: Annotated[bool, typer.Option(help="also train the two demo models")] = True,
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="applied to both runs")] = None,  # noqa: UP045
+    overrides: Annotated[list[str] | None, typer.Argument(help="applied to both runs")] = None,
 ) -> None:
     """The embedded example end to end: digits → scan → split → a scratch CNN and Lite0."""
     from imgclf.config import ScanConfig, SplitConfig, load_config
@@ -193,6 +193,15 @@ def _validated(model, **values):
         return model(**values)
     except ValidationError as e:
         raise ImgclfError(f"invalid options: {e.errors()[0]['msg']}") from None
+
+
+def _register_areas() -> None:
+    from imgclf.commands import register_all
+
+    register_all(app)
+
+
+_register_areas()
 
 
 def main() -> None:

@@ -224,12 +224,22 @@ class TrainConfig(_Strict):
     )
 
 
+class TrackingConfig(_Strict):
+    """Mirrors of the run folder (the source of truth) into tracking tools."""
+
+    mlflow: bool = Field(True, description="mirror each run to MLflow")
+    uri: str | None = Field(None, description="MLflow tracking URI; None: sqlite next to the runs")
+    experiment: str = "imgclf"
+    tensorboard: bool = Field(False, description="also write TensorBoard logs into the run")
+
+
 class RunConfig(_Strict):
-    """One run: data, model, training, and where it is written."""
+    """One run: data, model, training, tracking, and where it is written."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
     runs_dir: Path = Path("runs")
     name: str | None = Field(None, description="a label for the run id")
     seed: int = 0

@@ -1,0 +1,15 @@
+"""Commands by area. Each module defines `register(app)` adding its commands to the typer app;
+modules import only typer at import time (heavy imports live inside the commands)."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+AREAS = ("evaluate", "leaderboard", "predict", "serve")
+
+
+def register_all(app: typer.Typer) -> None:
+    for area in AREAS:
+        importlib.import_module(f"imgclf.commands.{area}").register(app)

@@ -174,3 +174,27 @@ def train_transform(
         steps.append(v2.RandomErasing(p=r["erasing"], value=0))
     steps.append(v2.ToPureTensor())
     return v2.Compose(steps)
+
+
+class _FiveViews:
+    """Picklable (DataLoader workers): centre first, then the four corners."""
+
+    def __init__(self, resize: Callable, size: int, tail: Callable) -> None:
+        self.resize, self.five, self.tail = resize, v2.FiveCrop(size), tail
+
+    def __call__(self, image):
+        tl, tr, bl, br, center = self.five(self.resize(image))
+        return torch.stack([self.tail(v) for v in (center, tl, tr, bl, br)])
+
+
+def multicrop_transform(
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bilinear",
+    crop_pct: float = 0.875,
+) -> Callable:
+    """Test-time views: centre and four corner crops of the eval resize, stacked (5, C, H, W)."""
+    resize = v2.Resize(round(size / crop_pct), interpolation=_interpolation(interpolation))
+    tail = v2.Compose([*_to_normalised(mean, std), v2.ToPureTensor()])
+    return _FiveViews(resize, size, tail)

@@ -8,6 +8,7 @@ what gets printed by `imgclf config show` and saved in each run folder.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -219,6 +220,11 @@ class TrainConfig(_Strict):
     channels_last: bool | None = Field(None, description="None: on for GPU")
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     max_bad_images: int = Field(100, ge=0, description="images failing mid-run before stopping")
+    features: Literal["none", "cache"] = Field(
+        "none", description="cache: head-only stages train on cached backbone features"
+    )
+    feature_views: int = Field(1, ge=1, description="augmented views per training image cached")
+    feature_cache: Path | None = Field(None, description="None: $IMGCLF_CACHE/features")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also save a resumable checkpoint every N batches mid-epoch"
     )
@@ -242,6 +248,7 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     runs_dir: Path = Path("runs")
     name: str | None = Field(None, description="a label for the run id")
+    tags: dict[str, str] = Field(default_factory=dict, description="e.g. {sweep: ID}; in summary")
     seed: int = 0
 
 
@@ -263,6 +270,9 @@ def load_config(
                 f"{path} must hold a mapping of sections, got {type(loaded).__name__}"
             )
         raw = loaded or {}
+    if any(re.search(r"\.\d+(\.|=)", item) for item in overrides):
+        # `train.stages.0.lr=…` indexes a list that may exist only as a default: resolve first.
+        raw = resolve(validate(raw, source=str(path) if path else "config"))
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, source=str(path) if path else "overrides")
@@ -274,13 +284,32 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ImgclfError(f"override {item!r} must look like section.key=value")
     parts = key.strip().split(".")
-    node = raw
+    node: Any = raw
     for p in parts[:-1]:
+        if isinstance(node, list):
+            node = _list_item(node, p, item)
+            continue
         child = node.setdefault(p, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ImgclfError(f"override {item!r}: {p} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(node, list):
+        node[_index(node, parts[-1], item)] = parsed
+    else:
+        node[parts[-1]] = parsed
+
+
+def _index(items: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ImgclfError(
+            f"override {item!r}: {part!r} is not an index of a {len(items)}-item list"
+        )
+    return int(part)
+
+
+def _list_item(items: list, part: str, item: str) -> Any:
+    return items[_index(items, part, item)]
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:

@@ -46,6 +46,7 @@ def finalize(
         {
             "run_id": run.id,
             "status": state.status,
+            "tags": cfg.tags,
             "error": error,
             "model": cfg.model.name,
             "pretrained": cfg.model.pretrained,

@@ -4,10 +4,12 @@ validation, best weights, early stopping, checkpoints, and resume from any saved
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from imgclf.config import StageConfig, TrainConfig
@@ -20,6 +22,7 @@ from imgclf.models import (
 )
 from imgclf.runs.checkpoint import rng_state, save_checkpoint, set_rng_state
 from imgclf.runs.record import RunDir
+from imgclf.train.features import StageFeatures, head_probs, labels_of, train_head_epoch
 from imgclf.train.loop import EpochState, StopFlag, classification_metrics, predict_loader
 from imgclf.train.loop import train_one_epoch as run_epoch
 from imgclf.train.optim import Schedule, build_optimizer
@@ -44,6 +47,14 @@ class FitContext:
     stop: StopFlag = field(default_factory=StopFlag)
     progress: Callable[[str, EpochState, int], None] | None = None
     log: Callable[[str], None] = print
+    # Called with each epoch's metrics row; raising Pruned ends the run (a sweep's pruner).
+    on_epoch: Callable[[dict], None] | None = None
+    features: StageFeatures | None = None  # set when train.features is "cache"
+    seed: int = 0
+
+
+class Pruned(Exception):
+    """Raised by an `on_epoch` callback to stop a run early: recorded as status "pruned"."""
 
 
 @dataclass
@@ -68,8 +79,9 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
         stage = stages[state.stage]
         optimizer, schedule = _stage_setup(ctx, stage, resume)
         resume = None
+        epoch_fn = _one_cached_epoch if _uses_cache(ctx, stage) else _one_epoch
         while state.epoch < stage.epochs:
-            if not _one_epoch(ctx, state, stage, optimizer, schedule):
+            if not epoch_fn(ctx, state, stage, optimizer, schedule):
                 return state
             if _should_stop_early(ctx.cfg, state):
                 ctx.log(f"early stopping: stage {state.stage} ends after epoch {state.epoch}")
@@ -88,7 +100,11 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
     )
     optimizer = build_optimizer(param_groups(ctx.raw_model, stage), stage, ctx.fabric.device.type)
     optimizer = ctx.fabric.setup_optimizers(optimizer)
-    steps = math.ceil(len(ctx.train_loader) / ctx.cfg.accumulate)
+    if _uses_cache(ctx, stage):
+        _prepare_features(ctx)
+        steps = ctx.features.steps_per_epoch(ctx.cfg.batch_size)
+    else:
+        steps = math.ceil(len(ctx.train_loader) / ctx.cfg.accumulate)
     schedule = Schedule(optimizer, stage, steps)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -147,6 +163,67 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
         **epoch_state.metrics(),
         **classification_metrics(val["probs"], val["targets"], "val"),
     }
+    extra = {
+        "bad_images": len(epoch_state.bad),
+        "seconds": round(epoch_state.seconds, 3),
+        "images_per_s": round(epoch_state.seen / max(epoch_state.seconds, 1e-9), 1),
+    }
+    return _end_epoch(ctx, state, stage, optimizer, schedule, metrics, extra)
+
+
+def _uses_cache(ctx: FitContext, stage: StageConfig) -> bool:
+    return ctx.features is not None and stage.trainable == "head"
+
+
+def _prepare_features(ctx: FitContext) -> None:
+    ctx.features.prepare(
+        ctx.raw_model,
+        ctx.train_loader.dataset,
+        ctx.val_loader.dataset,
+        ctx.fabric.device,
+        ctx.cfg.eval_batch_size or ctx.cfg.batch_size,
+        ctx.channels_last,
+        ctx.log,
+    )
+
+
+def _one_cached_epoch(ctx: FitContext, state: FitState, stage, optimizer, schedule) -> bool:
+    """A head-only epoch on cached features: view e mod K for training, the eval view for val."""
+    feats = ctx.features
+    set_train_mode(ctx.raw_model, True, stage.bn)
+    g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + state.global_epoch)
+    t0 = time.perf_counter()
+    view = feats.train_views[state.global_epoch % len(feats.train_views)]
+    train = train_head_epoch(
+        ctx.raw_model.head,
+        view,
+        ctx.loss_fn,
+        optimizer,
+        schedule,
+        batch_size=ctx.cfg.batch_size,
+        generator=g,
+        device=ctx.fabric.device,
+        grad_clip=ctx.cfg.grad_clip,
+    )
+    seconds = time.perf_counter() - t0
+    probs = head_probs(ctx.raw_model.head, feats.val, ctx.fabric.device)
+    metrics = {
+        "train_loss": train["train_loss"],
+        "train_accuracy": train["train_accuracy"],
+        **classification_metrics(probs, labels_of(feats.val), "val"),
+    }
+    extra = {
+        "bad_images": int((~view.ok).sum().item()),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(train["seen"] / max(seconds, 1e-9), 1),
+    }
+    return _end_epoch(ctx, state, stage, optimizer, schedule, metrics, extra)
+
+
+def _end_epoch(
+    ctx, state: FitState, stage, optimizer, schedule, metrics: dict, extra: dict
+) -> bool:
+    """Schedule, history, best weights, log and callbacks after an epoch's validation."""
     schedule.step_epoch(metrics)
     row = {
         "stage": state.stage,
@@ -155,9 +232,7 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
         "stage_epoch": state.epoch + 1,
         "lr": schedule.lrs()[-1],
         **metrics,
-        "bad_images": len(epoch_state.bad),
-        "seconds": round(epoch_state.seconds, 3),
-        "images_per_s": round(epoch_state.seen / max(epoch_state.seconds, 1e-9), 1),
+        **extra,
     }
     state.history.append(row)
     state.params = {
@@ -169,6 +244,8 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
     ctx.log(_epoch_line(row))
     state.epoch += 1
     state.global_epoch += 1
+    if ctx.on_epoch:
+        ctx.on_epoch(row)
     if ctx.stop.requested:
         state.status = "interrupted"
         _save(ctx, state, optimizer, schedule)

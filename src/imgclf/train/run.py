@@ -34,8 +34,9 @@ from imgclf.runs.record import (
     environment,
     new_run_id,
 )
+from imgclf.train.features import FeatureCache, StageFeatures, default_cache_root
 from imgclf.train.finalize import finalize
-from imgclf.train.fit import FitContext, FitState, fit, restore
+from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag
 from imgclf.train.losses import batch_mixer, build_loss
 
@@ -53,6 +54,7 @@ def train(
     force: bool = False,
     progress: bool = True,
     log=print,
+    on_epoch=None,
 ) -> Path:
     """Train one run (or resume one); returns the run folder."""
     checkpoint = None
@@ -89,11 +91,13 @@ def train(
         state = restore(checkpoint, model)
         log(f"resuming {run.id} at stage {state.stage}, epoch {state.epoch}")
     return _fit_and_finish(
-        cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+        on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
     )
 
 
-def _fit_and_finish(cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log):
+def _fit_and_finish(
+    on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+):
     from lightning.fabric import Fabric
 
     fabric = Fabric(accelerator=cfg.train.accelerator, devices=1, precision=_precision(cfg))
@@ -121,6 +125,9 @@ def _fit_and_finish(cfg, run, manifest, model, pre, state, checkpoint, identity,
         mixer=batch_mixer(cfg.train, len(manifest.labels)),
         channels_last=channels_last,
         log=log,
+        on_epoch=on_epoch,
+        features=_stage_features(cfg, pre, identity["data"]),
+        seed=cfg.seed,
     )
     t0 = time.perf_counter()
     try:
@@ -129,6 +136,10 @@ def _fit_and_finish(cfg, run, manifest, model, pre, state, checkpoint, identity,
     except KeyboardInterrupt:  # a second Ctrl-C: record it, write nothing else, stop
         summary = run.read_json(SUMMARY_JSON)
         run.write_json(SUMMARY_JSON, {**summary, "status": "interrupted", "error": "second Ctrl-C"})
+        raise
+    except Pruned as e:
+        state.status = "pruned"
+        finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e) or None)
         raise
     except Diverged as e:
         state.status = "diverged"
@@ -140,6 +151,19 @@ def _fit_and_finish(cfg, run, manifest, model, pre, state, checkpoint, identity,
         raise
     finalize(run, cfg, manifest, state, time.perf_counter() - t0, log)
     return run.path
+
+
+def _stage_features(cfg: RunConfig, pre, data_hash: str) -> StageFeatures | None:
+    if cfg.train.features != "cache":
+        return None
+    cache = FeatureCache(cfg.train.feature_cache or default_cache_root())
+    describe = {
+        "preprocessing": pre.to_dict(),
+        "augment": resolve_augment(cfg.train.augment),
+        "data": data_hash,
+        "max_pixels": cfg.data.scan.max_pixels,
+    }
+    return StageFeatures(cache, cfg.train.feature_views, cfg.seed, describe)
 
 
 def _precision(cfg: RunConfig) -> str:
@@ -215,6 +239,7 @@ def _write_run_header(run: RunDir, cfg, manifest: Manifest, manifest_dir, pre, m
         {
             "run_id": run.id,
             "status": "running",
+            "tags": cfg.tags,
             "params": count_parameters(model),
             "model_size_mb": model_size_mb(model),
         },

@@ -18,12 +18,23 @@ from typing import IO, Any
 from imgclf.errors import ImgclfError
 
 
+def _file_mode() -> int:
+    """0666 less the process umask (read once at import; umask is process-wide state)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; run files are for sharing
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

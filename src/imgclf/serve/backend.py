@@ -1,0 +1,179 @@
+"""Inference backends for the server: onnxruntime on an export folder (no torch anywhere on
+that path), or the run's own PyTorch predictor when only a run folder is given."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from imgclf.errors import ImgclfError
+from imgclf.predict.onnx_preprocess import RESAMPLE, preprocess_batch
+
+BACKENDS = ("auto", "onnx", "torch")
+MODEL_JSON = "model.json"
+MODEL_ONNX = "model.onnx"
+EXPORT_DIR = "export"
+# What /model shows of an export's "onnx" section (source_run is a path on the exporting machine).
+_ONNX_PUBLIC = ("input", "output", "dtype", "layout", "shape", "range", "normalisation", "opset")
+_ONNX_PUBLIC += ("dynamic_batch", "sha256", "parity")
+
+
+class Backend(Protocol):
+    kind: str
+    name: str
+    labels: list[str]
+    preprocessing: dict[str, Any] | None  # None: an ensemble whose members resize differently
+    model_id: str
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded RGB images → probabilities, one row per image."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What GET /model shows."""
+        ...
+
+
+def open_backend(path: str | Path, kind: str = "auto", threads: int | None = None) -> Backend:
+    """The backend for a folder: onnx when an export is found (the folder or its export/)."""
+    path = Path(path)
+    if kind not in BACKENDS:
+        raise ImgclfError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
+    if not path.is_dir():
+        raise ImgclfError(f"{path} is not a folder; give a run folder or an export folder")
+    export = find_export(path)
+    if kind == "onnx" or (kind == "auto" and export is not None):
+        if export is None:
+            raise ImgclfError(
+                f"no {MODEL_ONNX} in {path} or {path / EXPORT_DIR}; "
+                f"run `imgclf export {path} --format onnx` first, or use --backend torch"
+            )
+        return OnnxBackend(export, threads)
+    if not (path / MODEL_JSON).is_file():
+        raise ImgclfError(f"{path} has no {MODEL_JSON}: is it a finished run folder?")
+    return TorchBackend(path)
+
+
+def find_export(path: Path) -> Path | None:
+    """The folder holding model.onnx + model.json: ``path`` itself or ``path/export``."""
+    for folder in (path, path / EXPORT_DIR):
+        if (folder / MODEL_ONNX).is_file() and (folder / MODEL_JSON).is_file():
+            return folder
+    return None
+
+
+def read_model_json(folder: Path) -> dict[str, Any]:
+    """model.json with its labels and preprocessing checked (errors name the file and key)."""
+    where = folder / MODEL_JSON
+    try:
+        meta = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ImgclfError(f"cannot read {where}: {e}") from None
+    for key in ("labels", "preprocessing"):
+        if key not in meta:
+            raise ImgclfError(f"{where} has no {key!r} key; re-run `imgclf export`")
+    pre = meta["preprocessing"]
+    missing = [k for k in ("input_size", "mean", "std") if k not in pre]
+    if missing:
+        raise ImgclfError(f"{where}: preprocessing lacks {missing}")
+    if pre.get("interpolation", "bicubic") not in RESAMPLE:
+        raise ImgclfError(f"{where}: preprocessing interpolation must be one of {list(RESAMPLE)}")
+    return meta
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def file_id(path: Path) -> str:
+    """First 16 hex digits of the file's sha256: changes whenever the weights do."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class OnnxBackend:
+    """onnxruntime on an export folder (`imgclf export`): model.onnx takes 0..1 RGB NCHW from
+    `onnx_preprocess` and normalises inside; its output is probabilities (older exports: logits)."""
+
+    kind = "onnx"
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.meta = read_model_json(folder)
+        self.labels = [str(x) for x in self.meta["labels"]]
+        self.preprocessing = self.meta["preprocessing"]
+        self.model_id = file_id(folder / MODEL_ONNX)
+        self.name = folder.parent.name if folder.name == EXPORT_DIR else folder.name
+        options = ort.SessionOptions()
+        # Several requests run at once on their own threads: split the cores between them.
+        options.intra_op_num_threads = threads or 0
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(folder / MODEL_ONNX), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ImgclfError(f"cannot load {folder / MODEL_ONNX}: {e}") from None
+        spec = self.session.get_inputs()[0]
+        self.input_name = self.meta.get("onnx", {}).get("input", spec.name)
+        self.fixed_batch = spec.shape[0] if isinstance(spec.shape[0], int) else None
+        self.outputs_probabilities = self.meta.get("onnx", {}).get("output") == "probabilities"
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        x = preprocess_batch(images, self.preprocessing)
+        step = self.fixed_batch or len(x)  # an export without --dynamic-batch takes N = 1
+        feed = (x[i : i + step] for i in range(0, len(x), step))
+        scores = np.concatenate([self.session.run(None, {self.input_name: b})[0] for b in feed])
+        return scores.astype(np.float64) if self.outputs_probabilities else softmax(scores)
+
+    def describe(self) -> dict[str, Any]:
+        onnx = self.meta.get("onnx", {})
+        public = {k: onnx[k] for k in _ONNX_PUBLIC if k in onnx}
+        kind = self.meta.get("kind", "single")
+        return {"backend": self.kind, "name": self.name, "kind": kind, "onnx": public}
+
+
+class TorchBackend:
+    """The folder's own PyTorch predictor (a run, ensemble or two-stage folder; needs torch)."""
+
+    kind = "torch"
+
+    def __init__(self, folder: Path) -> None:
+        from imgclf.predict.predictor import load_predictor, read_model_json
+
+        self._predictor = load_predictor(folder)
+        meta = read_model_json(folder)
+        self.labels = [str(x) for x in self._predictor.labels]
+        pre = getattr(self._predictor, "preprocessing", None)
+        # None for an ensemble whose members resize differently: each member does its own.
+        self.preprocessing = pre.to_dict() if pre is not None else None
+        self.model_kind = meta.get("kind", "single")
+        weights = folder / meta.get("weights", "model.safetensors")
+        self.model_id = file_id(weights if weights.is_file() else folder / MODEL_JSON)
+        self.name = folder.parent.name if folder.name == EXPORT_DIR else folder.name
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self._predictor.predict_images(list(images)).double().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.kind, "name": self.name, "kind": self.model_kind}
+
+
+def default_threads(concurrency: int) -> int:
+    """onnxruntime threads per inference so that ``concurrency`` of them share the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, concurrency))

@@ -27,6 +27,7 @@ def test_short_recipe_reaches_its_floor(tmp_path, recipe, stages, floor):
         f"data.manifest={tmp_path / 'manifest'}",
         f"runs_dir={tmp_path / 'runs'}",
         f"train.stages={stages}",
+        "tracking.mlflow=false",
     ]
     run = train(load_config(config_path(recipe), overrides), progress=False, log=lambda *_: None)
     summary = json.loads((run / "summary.json").read_text())

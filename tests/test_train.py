@@ -32,6 +32,7 @@ TINY = [
     "data.split.train=0.6",
     "data.split.val=0.2",
     "data.split.test=0.2",
+    "tracking.mlflow=false",  # one test below mirrors on purpose; the store costs seconds
 ]
 
 
@@ -297,3 +298,20 @@ def test_images_that_vanish_after_the_scan_are_skipped_and_counted(data, tmp_pat
     run = train(cfg, progress=False, log=lambda *_: None)
     assert metrics_without_time(run)[0]["bad_images"] == "2"
     assert json.loads((run / "summary.json").read_text())["bad_images"] == 2
+
+
+def test_a_finished_run_is_mirrored_to_mlflow(data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 2}]", "tracking.mlflow=true")
+    run = train(cfg, progress=False, log=lambda *_: None)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (found,) = client.search_runs(
+        [client.get_experiment_by_name("imgclf").experiment_id],
+        filter_string=f"tags.`imgclf.run_id` = '{run.name}'",
+    )
+    assert found.data.tags["imgclf.status"] == "completed"
+    history = client.get_metric_history(found.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    assert found.data.params["train.batch_size"] == "8"
+    assert json.loads((run / "tracking.json").read_text())["mlflow_run_id"] == found.info.run_id

@@ -3,18 +3,27 @@
 No training config, manifest or data is needed: the model carries its architecture, its
 preprocessing and its label map. Test-time augmentation (`tta`): "flip" averages the image and
 its mirror; "multi-crop" averages the centre and four corner crops of the eval resize.
+
+`load_predictor(folder)` opens whatever a run-like folder holds, by model.json's `kind`: a single
+run (no `kind`), an ensemble (`ensemble`, see ensemble.py) or a two-stage classifier
+(`two_stage`, see two_stage.py). All three answer the same calls: `.labels`,
+`.predict_paths(paths, batch_size, workers, tta)`, `.predict_images(images, tta)`,
+`.probability_module()` (0..1 RGB NCHW → probabilities, what ONNX export traces) and
+`.preprocessing` (the resize / crop shared by every member, or None when members differ).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from imgclf.data.images import load_image
 from imgclf.data.loaders import PathsDataset, make_loader
 from imgclf.data.transforms import eval_transform, multicrop_transform
 from imgclf.errors import ImgclfError
@@ -23,6 +32,8 @@ from imgclf.runs.checkpoint import load_state_strict, load_weights
 from imgclf.runs.record import MODEL_JSON
 
 TTA_MODES = (None, "flip", "multi-crop")
+KINDS = ("single", "ensemble", "two_stage")
+Progress = Callable[[float], None]  # called with the number of files a batch finished
 
 
 @dataclass
@@ -50,10 +61,9 @@ class Predictor:
     def from_run(cls, run: str | Path, device: str = "cpu") -> Predictor:
         """A run folder (or an export folder) with model.json and its weights."""
         run = Path(run)
-        try:
-            meta = json.loads((run / MODEL_JSON).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ImgclfError(f"{run} has no {MODEL_JSON}: is it a finished run folder?") from None
+        meta = read_model_json(run)
+        if meta.get("kind", "single") != "single":
+            raise ImgclfError(f"{run} holds a {meta['kind']} model; open it with load_predictor")
         model = model_from_spec(meta["spec"])
         weights = run / meta.get("weights", "model.safetensors")
         load_state_strict(model, load_weights(weights), weights)
@@ -87,27 +97,130 @@ class Predictor:
         tf = self.transform(tta)
         return self.predict_tensor(torch.stack([tf(im) for im in images]), tta)
 
+    def predict(self, images: Sequence, tta: str | None = None) -> torch.Tensor:
+        """Probabilities for PIL images, paths or bytes (files go through the image loader)."""
+        return self.predict_images(as_images(images, self.preprocessing.input_size), tta)
+
     def predict_paths(
         self,
         paths: Sequence[str | Path],
         batch_size: int = 64,
         workers: int = 0,
         tta: str | None = None,
+        progress: Progress | None = None,
     ) -> Predictions:
         """Files → probabilities; unreadable files are reported per index, never fatal."""
         ds = PathsDataset(paths, self.transform(tta), size_hint=self.preprocessing.input_size)
         probs, ok, errors = [], [], {}
         for batch in make_loader(ds, batch_size, workers=workers):
             errors.update({b.index: b.reason for b in batch["bad"]})
-            if batch["x"] is None:
-                continue
-            probs.append(self.predict_tensor(batch["x"], tta))
-            ok.extend(batch["index"].tolist())
+            if batch["x"] is not None:
+                probs.append(self.predict_tensor(batch["x"], tta))
+                ok.extend(batch["index"].tolist())
+            if progress is not None:
+                progress(len(batch["bad"]) + (0 if batch["x"] is None else len(batch["x"])))
         stacked = torch.cat(probs) if probs else torch.empty(0, len(self.labels))
         return Predictions([str(p) for p in paths], stacked, ok, errors)
 
+    def probability_module(self) -> nn.Module:
+        """A module from float RGB 0..1 NCHW at input_size to probabilities (normalises inside)."""
+        return NormalisedSoftmax(self.model, self.preprocessing)
 
-def load_predictor(path: str | Path, device: str = "cpu") -> Predictor:
-    """Whatever a run-like folder holds (a single run today; ensembles and two-stage models
-    register here), as an object with `.labels` and `.predict_paths` / `.predict_images`."""
+
+class NormalisedSoftmax(nn.Module):
+    """(x - mean) / std → model → softmax: the whole eval path after resize and crop."""
+
+    def __init__(self, model: nn.Module, pre: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.model((x - self.mean) / self.std).float(), dim=1)
+
+
+def as_images(items: Sequence, size_hint: int | None = None) -> list:
+    """PIL images pass through; paths and bytes are opened with the one image loader."""
+    from PIL import Image
+
+    return [
+        im if isinstance(im, Image.Image) else load_image(im, size_hint=size_hint) for im in items
+    ]
+
+
+def merge_predictions(paths: Sequence[str | Path], parts: Sequence[Predictions]):
+    """Align several predictors' results on the same files: (ok, errors, [probs per part]).
+
+    A file counts as predicted only when every part predicted it; its reason is the first
+    part's reason.
+    """
+    errors: dict[int, str] = {}
+    for part in parts:
+        for i, reason in part.errors.items():
+            errors.setdefault(i, reason)
+    ok = sorted(set.intersection(*(set(p.ok) for p in parts)) - set(errors))
+    aligned = []
+    for part in parts:
+        row_of = {i: r for r, i in enumerate(part.ok)}
+        aligned.append(part.probs[[row_of[i] for i in ok]] if ok else part.probs[:0])
+    return ok, errors, aligned
+
+
+def shared_preprocessing(members: Sequence) -> Preprocessing | None:
+    """The first member's preprocessing when every member resizes and crops alike, else None.
+
+    Mean and std may differ: each member normalises its own input.
+    """
+    pres = [m.preprocessing for m in members]
+    if any(p is None for p in pres):
+        return None
+    first = pres[0]
+    key = (first.input_size, first.interpolation, first.crop_pct)
+    same = all((p.input_size, p.interpolation, p.crop_pct) == key for p in pres)
+    return first if same else None
+
+
+def read_model_json(folder: str | Path) -> dict:
+    """model.json of a run-like folder (errors name the file)."""
+    path = Path(folder) / MODEL_JSON
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ImgclfError(
+            f"{folder} has no {MODEL_JSON}: is it a finished run (or ensemble) folder?"
+        ) from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ImgclfError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise ImgclfError(f"{path} must hold a JSON object")
+    kind = meta.get("kind", "single")
+    if kind not in KINDS:
+        raise ImgclfError(f"{path}: unknown kind {kind!r}; this imgclf reads {', '.join(KINDS)}")
+    return meta
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """True for a folder holding model.json (a run, an ensemble or a two-stage folder)."""
+    return Path(path).is_dir() and (Path(path) / MODEL_JSON).is_file()
+
+
+def load_predictor(path: str | Path, device: str = "cpu"):
+    """Whatever a run-like folder holds: a single run's Predictor, an Ensemble or a TwoStage,
+    each with `.labels`, `.predict_paths`, `.predict_images` and `.probability_module`."""
+    meta = read_model_json(path)
+    kind = meta.get("kind", "single")
+    if kind != "single" and "onnx" in meta:
+        raise ImgclfError(
+            f"{path} is the ONNX export of a {kind} model: run it with onnxruntime "
+            f"(`imgclf serve {path}`), or load the {kind} folder it came from"
+        )
+    if kind == "ensemble":
+        from imgclf.predict.ensemble import Ensemble
+
+        return Ensemble.load(path, device)
+    if kind == "two_stage":
+        from imgclf.predict.two_stage import TwoStage
+
+        return TwoStage.load(path, device)
     return Predictor.from_run(path, device)

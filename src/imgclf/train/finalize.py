@@ -14,10 +14,13 @@ import torch
 
 from imgclf.config import RunConfig
 from imgclf.data.manifest import Manifest
+from imgclf.data.preview import augmented_batch
 from imgclf.io import atomic_write_text
+from imgclf.models import Preprocessing
 from imgclf.predict.predictor import Predictions, Predictor
 from imgclf.runs.plots import plot_curves
-from imgclf.runs.record import MODEL_WEIGHTS, SUMMARY_JSON, RunDir
+from imgclf.runs.record import MODEL_JSON, MODEL_WEIGHTS, SUMMARY_JSON, RunDir
+from imgclf.runs.tracking import mirror_run, tensorboard_log
 from imgclf.train.fit import FitState
 from imgclf.train.loop import classification_metrics
 
@@ -64,12 +67,31 @@ def finalize(
         }
     )
     run.write_json(SUMMARY_JSON, summary)
+    if state.status != "running":  # the mirrors copy the finished folder, the source of truth
+        if cfg.tracking.tensorboard:
+            _tensorboard(run, cfg, manifest, state, log)
+        mirror_run(run.path, cfg.tracking, cfg.runs_dir, log)
     test = summary["test"].get("test_accuracy")
     log(
         f"run {run.id}: {state.status}"
         + (f", test accuracy {test:.4f}" if test is not None else "")
     )
     return summary
+
+
+def _tensorboard(run: RunDir, cfg: RunConfig, manifest: Manifest, state: FitState, log) -> None:
+    """Scalars, PR curves and a grid of augmented training samples, as the run saw them."""
+    pre = Preprocessing.from_dict(run.read_json(MODEL_JSON)["preprocessing"])
+    images = augmented_batch(
+        manifest,
+        cfg.train.augment,
+        pre.input_size,
+        pre.mean,
+        pre.std,
+        seed=cfg.seed,
+        interpolation=pre.interpolation,
+    )
+    tensorboard_log(run.path, state.history, images=images, mean=pre.mean, std=pre.std, log=log)
 
 
 def _predict_split(

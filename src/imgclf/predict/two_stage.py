@@ -1,0 +1,427 @@
+"""Two-stage (coarse → fine) classifier: stage 1 picks a group of easily confused classes, one
+stage-2 model per multi-class group picks the class inside it.
+
+Final probabilities are over the ORIGINAL label map: P(class) = P(group) × P(class | group); a
+class alone in its group gets P(group). Every stage-2 model runs on every image, so the output
+is a full distribution (it sums to 1) rather than a hard routing decision.
+
+Groups come from an evaluated run's `evaluations/<name>/confusion_groups.json` (`--groups auto`;
+"val" is preferred so that the test split stays unseen by every choice) or from a user file of
+the same format: a JSON list of lists of class names, every class in exactly one group.
+
+Every stage is an ordinary training run (`imgclf.train.run.train`) on a derived manifest that
+keeps the original split column, so all stages and the single-stage model see the same
+train / val / test images. The composite folder `runs/<name>/` holds:
+
+  two_stage.json   {"format": 1, "labels", "groups", "group_names", "stage1": path,
+                   "stage2": {group name: path}} (paths relative to this folder)
+  model.json       {"format": 1, "kind": "two_stage", "labels", "definition": "two_stage.json",
+                   "preprocessing" (when every stage resizes and crops alike)}
+  manifests/       coarse/ (label = group name) and group_<i>/ (that group's entries only)
+  stages/          the stage runs, ordinary run folders
+  config.yaml      {"kind": "two_stage", "groups", "base_config": the resolved config}
+  data.json        the original manifest, its data version, labels and split counts
+  summary.json     status, model "two_stage[<model>]", val / test metrics on the original split
+  comparison.json  two-stage vs single-stage (--from-run) val and test accuracy
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from imgclf.config import RunConfig, resolve, validate
+from imgclf.data.manifest import Entry, LabelMap, Manifest, write_manifest
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.predict.ensemble import (
+    create_folder,
+    read_definition,
+    split_metrics,
+    summed_params,
+)
+from imgclf.predict.predictor import (
+    Predictions,
+    Progress,
+    load_predictor,
+    merge_predictions,
+    shared_preprocessing,
+)
+
+TWO_STAGE_JSON = "two_stage.json"
+GROUPS_JSON = "confusion_groups.json"
+FORMAT = 1
+
+
+def group_name(i: int) -> str:
+    return f"group_{i}"
+
+
+def read_groups(path: str | Path, labels: Sequence[str]) -> list[list[str]]:
+    """A groups file → groups in file order, classes in label-map order; errors name classes."""
+    path = Path(path)
+    try:
+        groups = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ImgclfError(f"groups file {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ImgclfError(f"cannot read the groups file {path}: {e}") from None
+    if not (
+        isinstance(groups, list)
+        and all(isinstance(g, list) and g and all(isinstance(c, str) for c in g) for g in groups)
+    ):
+        raise ImgclfError(
+            f"{path} must hold a JSON list of non-empty lists of class names, "
+            'e.g. [["cat", "lynx"], ["dog"]]'
+        )
+    counts = Counter(c for g in groups for c in g)
+    problems = []
+    if unknown := [c for c in counts if c not in labels]:
+        problems.append(f"unknown classes {unknown}")
+    if missing := [c for c in labels if c not in counts]:
+        problems.append(f"missing classes {missing}")
+    if duplicate := [c for c, n in counts.items() if n > 1]:
+        problems.append(f"classes in more than one group (or twice) {duplicate}")
+    if problems:
+        raise ImgclfError(
+            f"{path}: every class of the label map must be in exactly one group; "
+            + "; ".join(problems)
+        )
+    order = {c: i for i, c in enumerate(labels)}
+    return [sorted(g, key=order.__getitem__) for g in groups]
+
+
+def find_confusion_groups(run: str | Path, evaluation: str | None = None) -> Path:
+    """`evaluations/<name>/confusion_groups.json` of an evaluated run (val preferred)."""
+    evals = Path(run) / "evaluations"
+    found = sorted(p.parent.name for p in evals.glob(f"*/{GROUPS_JSON}")) if evals.is_dir() else []
+    if evaluation is not None:
+        if evaluation not in found:
+            raise ImgclfError(
+                f"{evals / evaluation / GROUPS_JSON} does not exist (evaluations with groups: "
+                f"{found or 'none'}); run `imgclf evaluate {run} --split val --name {evaluation}`"
+            )
+        return evals / evaluation / GROUPS_JSON
+    for preferred in ("val", "test"):
+        if preferred in found:
+            return evals / preferred / GROUPS_JSON
+    if len(found) == 1:
+        return evals / found[0] / GROUPS_JSON
+    if found:
+        raise ImgclfError(f"{run} has several evaluations {found}; choose one with --evaluation")
+    raise ImgclfError(
+        f"{run} has no evaluation with confusion groups; run `imgclf evaluate {run} --split val` "
+        "first, or give the groups yourself with --groups FILE"
+    )
+
+
+def derive_manifests(
+    manifest: Manifest, groups: Sequence[Sequence[str]], out: Path
+) -> tuple[Path, list[Path | None]]:
+    """Write manifests/coarse (labels → group names) and manifests/group_<i> (multi-class groups
+    only), keeping every entry's split; returns their folders."""
+    group_of = {c: group_name(i) for i, g in enumerate(groups) for c in g}
+    coarse = [dataclasses.replace(e, label=group_of[e.label]) for e in manifest.entries if e.label]
+    names = [group_name(i) for i in range(len(groups))]
+    coarse_dir = _write_derived(manifest, coarse, names, out / "coarse")
+    dirs: list[Path | None] = []
+    for i, g in enumerate(groups):
+        if len(g) == 1:
+            dirs.append(None)
+            continue
+        members = set(g)
+        entries = [e for e in manifest.entries if e.label in members]
+        dirs.append(_write_derived(manifest, entries, list(g), out / group_name(i)))
+    return coarse_dir, dirs
+
+
+def _write_derived(source: Manifest, entries: list[Entry], labels: list[str], out: Path) -> Path:
+    per_class: dict[str, dict[str, int]] = {n: {} for n in labels}
+    for e in entries:
+        if e.ok:
+            per_class[e.label][e.split] = per_class[e.label].get(e.split, 0) + 1
+    given = source.report.get("split", {})
+    split = {k: given[k] for k in ("fractions", "seed", "source") if k in given}
+    split.update(per_class=per_class, notes=[f"derived by imgclf two-stage from {source.root}"])
+    derived = Manifest(
+        root=source.root,
+        entries=entries,
+        labels=LabelMap(tuple(labels)),
+        source=source.source,
+        settings=source.settings,
+        report={"split": split},
+    )
+    return write_manifest(derived, out)
+
+
+def _stage_config(cfg: RunConfig, manifest_dir: Path, runs_dir: Path, name: str) -> RunConfig:
+    raw = resolve(cfg)
+    raw["data"].update(root=None, manifest=str(manifest_dir))
+    raw.update(runs_dir=str(runs_dir), name=name)
+    return validate(raw, source=f"two-stage config for {name}")
+
+
+def train_two_stage(
+    cfg: RunConfig,
+    groups: str | Path,
+    *,
+    from_run: str | Path | None = None,
+    evaluation: str | None = None,
+    name: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> Path:
+    """Train stage 1 and every stage-2 model; write and score the composite folder."""
+    from imgclf.data.prepare import prepare
+    from imgclf.runs.record import new_run_id
+
+    if str(groups) == "auto":  # checked before any scan: fail fast
+        if from_run is None:
+            raise ImgclfError("--groups auto reads an evaluated run's groups: add --from-run RUN")
+        groups = find_confusion_groups(from_run, evaluation)
+    manifest, manifest_path = prepare(cfg.data, progress=progress)
+    labels = list(manifest.labels.names)
+    grouped = read_groups(groups, labels)
+    if len(grouped) < 2 or all(len(g) == 1 for g in grouped):
+        raise ImgclfError(
+            f"{groups} gives {len(grouped)} group(s) of sizes {[len(g) for g in grouped]}: a "
+            "two-stage model needs at least two groups and one with several classes"
+        )
+    shown = "; ".join(f"{group_name(i)}={g}" for i, g in enumerate(grouped))
+    log(f"groups from {groups}: {shown}")
+    folder = create_folder(Path(cfg.runs_dir) / (name or new_run_id("two-stage", cfg.name)))
+    label = name or folder.name
+    atomic_write_text(
+        folder / "config.yaml",
+        yaml.safe_dump(
+            {"kind": "two_stage", "groups": grouped, "base_config": resolve(cfg)},
+            sort_keys=False,
+            allow_unicode=True,
+        ),
+    )
+    summary = {"run_id": folder.name, "kind": "two_stage", "status": "running"}
+    atomic_write_json(folder / "summary.json", summary)
+    try:
+        stages = _train_stages(cfg, manifest, grouped, folder, label, progress, log)
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        atomic_write_json(folder / "summary.json", {**summary, "status": status, "error": str(e)})
+        raise
+    return _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log)
+
+
+def _train_stages(cfg, manifest, grouped, folder: Path, label: str, progress, log) -> dict:
+    from imgclf.train.run import train
+
+    # Absolute: the stage runs' data.json must find their manifest from any working directory.
+    coarse, group_dirs = derive_manifests(manifest, grouped, folder.resolve() / "manifests")
+    jobs = [("stage1", coarse)] + [(group_name(i), d) for i, d in enumerate(group_dirs) if d]
+    runs = {}
+    for job, manifest_dir in jobs:
+        log(f"two-stage: training {job}")
+        stage_cfg = _stage_config(cfg, manifest_dir, folder / "stages", f"{label}-{job}")
+        run = train(stage_cfg, progress=progress, log=log)
+        status = json.loads((run / "summary.json").read_text(encoding="utf-8"))["status"]
+        if status != "completed":
+            raise ImgclfError(f"two-stage {job} run {run} ended {status}; nothing was combined")
+        runs[job] = run
+    return runs
+
+
+def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log) -> Path:
+    rel = {k: Path(v).resolve().relative_to(folder.resolve()).as_posix() for k, v in stages.items()}
+    names = [group_name(i) for i in range(len(grouped))]
+    labels = list(manifest.labels.names)
+    definition = {
+        "format": FORMAT,
+        "labels": labels,
+        "groups": grouped,
+        "group_names": names,
+        "stage1": rel.pop("stage1"),
+        "stage2": rel,
+    }
+    atomic_write_json(folder / TWO_STAGE_JSON, definition)
+    data = {
+        "manifest": str(manifest_path),
+        "root": str(manifest.root),
+        "data_hash": manifest.data_hash(),
+        "labels": labels,
+        "split": manifest.report.get("split", {}).get("per_class"),
+    }
+    atomic_write_json(folder / "data.json", data)
+    model = TwoStage.load(folder)
+    batch = cfg.train.eval_batch_size or cfg.train.batch_size
+    metrics = split_metrics(model, data, folder, batch, cfg.train.workers)
+    stage_summaries = [_read(Path(p) / "summary.json") for p in stages.values()]
+    summary = {
+        "run_id": folder.name,
+        "kind": "two_stage",
+        "status": "completed",
+        "error": None,
+        "model": f"two_stage[{cfg.model.name}]",
+        "groups": grouped,
+        "val": metrics.get("val", {}),
+        "test": metrics.get("test", {}),
+        "params": summed_params(list(stages.values())),
+        "epochs": sum(s.get("epochs") or 0 for s in stage_summaries),
+        "train_seconds": round(sum(s.get("train_seconds") or 0 for s in stage_summaries), 2),
+    }
+    atomic_write_json(folder / "summary.json", summary)
+    if from_run is not None:
+        atomic_write_json(folder / "comparison.json", compare(folder, summary, from_run, data))
+    meta = {"format": FORMAT, "kind": "two_stage", "labels": labels, "definition": TWO_STAGE_JSON}
+    if model.preprocessing is not None:
+        meta["preprocessing"] = model.preprocessing.to_dict()
+    atomic_write_json(folder / "model.json", meta)  # last: marks a complete folder
+    test = summary["test"].get("test_accuracy")
+    log(f"two-stage {folder}: completed" + (f", test accuracy {test:.4f}" if test else ""))
+    return folder
+
+
+def compare(folder: Path, summary: dict, single: str | Path, data: dict) -> dict:
+    """Two-stage vs the single-stage run: val and test accuracy side by side."""
+    other = _read(Path(single) / "summary.json")
+    same = _read(Path(single) / "data.json").get("data_hash") == data["data_hash"]
+    out = {"two_stage": str(folder), "single_stage": str(single), "same_data": same}
+    for split in ("val", "test"):
+        key = f"{split}_accuracy"
+        out[key] = {
+            "two_stage": summary[split].get(key),
+            "single_stage": (other.get(split) or {}).get(key),
+        }
+    return out
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+class TwoStage:
+    """Stage 1 over group names, stage 2 per multi-class group, composed over the labels."""
+
+    def __init__(
+        self, stage1, groups: Sequence[Sequence[str]], stage2: dict, labels: Sequence[str]
+    ) -> None:
+        self.stage1, self.groups, self.labels = stage1, [list(g) for g in groups], list(labels)
+        self.group_names = [group_name(i) for i in range(len(groups))]
+        self.stage2 = [stage2.get(n) for n in self.group_names]
+        self.plan = _plan(stage1.labels, self.groups, self.stage2, self.labels)
+        self.preprocessing = shared_preprocessing(self._parts())
+        self.device = getattr(stage1, "device", "cpu")
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "cpu") -> TwoStage:
+        """A two-stage folder; stage paths are relative to it."""
+        folder = Path(folder)
+        spec = read_definition(folder / TWO_STAGE_JSON, ("labels", "groups", "stage1", "stage2"))
+        paths = {"stage1": spec["stage1"], **spec["stage2"]}
+        missing = [p for p in paths.values() if not (folder / p / "model.json").is_file()]
+        if missing:
+            raise ImgclfError(
+                f"{folder / TWO_STAGE_JSON} names stage runs that are missing: {missing}"
+            )
+        stage1 = load_predictor(folder / spec["stage1"], device)
+        stage2 = {g: load_predictor(folder / p, device) for g, p in spec["stage2"].items()}
+        return cls(stage1, spec["groups"], stage2, spec["labels"])
+
+    def _parts(self) -> list:
+        """Stage 1, then the stage-2 models of the multi-class groups in group order."""
+        multi = [m for m, g in zip(self.stage2, self.groups, strict=True) if len(g) > 1]
+        return [self.stage1, *multi]
+
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 64,
+        workers: int = 0,
+        tta: str | None = None,
+        progress: Progress | None = None,
+    ) -> Predictions:
+        """Each stage reads the files with its own preprocessing; then P(group) × P(class|group)."""
+        parts = self._parts()
+        share = None if progress is None else (lambda n: progress(n / len(parts)))
+        results = [p.predict_paths(paths, batch_size, workers, tta, share) for p in parts]
+        ok, errors, aligned = merge_predictions(paths, results)
+        empty = torch.empty(0, len(self.labels))
+        probs = compose(aligned[0], aligned[1:], self.plan) if ok else empty
+        return Predictions([str(p) for p in paths], probs, ok, errors)
+
+    def predict_images(self, images: Sequence, tta: str | None = None) -> torch.Tensor:
+        """Probabilities over the original labels for decoded RGB PIL images."""
+        out = [p.predict_images(images, tta) for p in self._parts()]
+        return compose(out[0], out[1:], self.plan)
+
+    def probability_module(self) -> nn.Module:
+        """Stage 1 and the stage-2 models on one input (they must resize and crop alike)."""
+        if self.preprocessing is None:
+            raise ImgclfError(
+                "the two-stage model's stages use different input sizes, interpolations or crops; "
+                "one ONNX input cannot feed them all"
+            )
+        return TwoStageModule([p.probability_module() for p in self._parts()], self.plan)
+
+
+def _plan(stage1_labels, groups, stage2, labels) -> dict:
+    """Index tensors that turn stage outputs into the label map's columns: per group (stage-1
+    column, stage-2 columns in group order or None for a singleton, index into the stage-2
+    outputs), then the permutation from group order to label-map order."""
+    where = {n: i for i, n in enumerate(stage1_labels)}
+    missing = [group_name(i) for i in range(len(groups)) if group_name(i) not in where]
+    if missing or len(stage1_labels) != len(groups):
+        raise ImgclfError(f"stage 1 predicts {list(stage1_labels)}, not the groups {missing}")
+    blocks, order, m = [], [], 0
+    for i, g in enumerate(groups):
+        order.extend(g)
+        if len(g) == 1:
+            blocks.append((where[group_name(i)], None, -1))
+            continue
+        model = stage2[i]
+        if model is None or sorted(model.labels) != sorted(g):
+            raise ImgclfError(f"stage 2 of {group_name(i)} must predict {g}")
+        cols = torch.tensor([list(model.labels).index(c) for c in g])
+        blocks.append((where[group_name(i)], cols, m))
+        m += 1
+    odd = sorted(set(labels) ^ set(order))
+    if odd or len(order) != len(labels):
+        raise ImgclfError(f"the groups do not cover the labels exactly: {odd}")
+    return {"blocks": blocks, "perm": torch.tensor([order.index(n) for n in labels])}
+
+
+def compose(p1: torch.Tensor, p2: Sequence[torch.Tensor], plan: dict) -> torch.Tensor:
+    """P(class) = P(group) × P(class | group), columns in label-map order."""
+    cols = []
+    for g, sub, j in plan["blocks"]:
+        pg = p1[:, g : g + 1]
+        cols.append(pg if sub is None else pg * p2[j].index_select(1, sub.to(p1.device)))
+    return torch.cat(cols, 1).index_select(1, plan["perm"].to(p1.device))
+
+
+class TwoStageModule(nn.Module):
+    """Stage modules on one input, composed by `compose` (index tensors held as buffers)."""
+
+    def __init__(self, parts: Sequence[nn.Module], plan: dict) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.blocks = [(g, sub is not None, j) for g, sub, j in plan["blocks"]]
+        for i, (_, sub, _) in enumerate(plan["blocks"]):
+            if sub is not None:
+                self.register_buffer(f"cols_{i}", sub.clone())
+        self.register_buffer("perm", plan["perm"].clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = [m(x) for m in self.parts]
+        blocks = [
+            (g, getattr(self, f"cols_{i}") if has else None, j)
+            for i, (g, has, j) in enumerate(self.blocks)
+        ]
+        return compose(out[0], out[1:], {"blocks": blocks, "perm": self.perm})

@@ -1,0 +1,1 @@
+"""Run folders: layout, atomic records, checkpoints, plots."""

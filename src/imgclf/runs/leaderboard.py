@@ -1,0 +1,555 @@
+"""The leaderboard: one row per run folder, filtered, ranked and rendered.
+
+Only `summary.json`, `config.yaml` (and `evaluations/*/metrics.json` when present) are read per
+run, and nothing here imports torch, so a thousand runs list in well under a second. The config
+is read by a small parser for the block YAML that `dump_yaml` writes (5× faster than
+`yaml.CSafeLoader`, whose constructor is pure Python); anything else falls back to the real
+loader. A folder that is not a complete run is skipped with a warning, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+import operator
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgclf.errors import ImgclfError
+
+# The same names as runs/record.py, which imports torch (kept out of this fast path).
+SUMMARY_JSON, CONFIG_YAML, MODEL_JSON, EVALUATIONS = (
+    "summary.json",
+    "config.yaml",
+    "model.json",
+    "evaluations",
+)
+# The tracking store lives beside the runs by default: ours, so skipped without a warning.
+TRACKING_ENTRIES = frozenset({"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlartifacts"})
+FORMATS = ("table", "csv", "markdown", "html", "json")
+LOWER_IS_BETTER = ("loss", "ece")
+TABLE_COLUMNS = (
+    "id",
+    "status",
+    "model",
+    "weights",
+    "trainable",
+    "image_size",
+    "batch_size",
+    "stages",
+    "augment",
+    "imbalance",
+    "best_epoch",
+    "val_accuracy",
+    "val_loss",
+    "val_top5",
+    "test_accuracy",
+    "test_loss",
+    "test_top5",
+    "params_total",
+    "params_trainable",
+    "train_s",
+)
+_HEAD = (
+    "id",
+    "status",
+    "model",
+    "weights",
+    "trainable",
+    "image_size",
+    "batch_size",
+    "stages",
+    "epochs",
+    "augment",
+    "imbalance",
+    "best_epoch",
+)
+_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+_TAIL = (
+    "params_total",
+    "params_trainable",
+    "params_non_trainable",
+    "optimizer_state",
+    "model_mb",
+    "train_s",
+    "images_per_s",
+    "error",
+)
+_MAX_CELL = 44
+_DECIMALS = {"train_s": 1, "images_per_s": 1, "model_mb": 2}
+
+
+class SkipRun(Exception):
+    """A folder in the runs directory that is not a (complete) run folder."""
+
+
+def collect(runs_dir: Path, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One row per run folder under `runs_dir`; others are reported through `warn`."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise ImgclfError(f"runs folder {runs_dir} does not exist; train a run with `imgclf train`")
+    rows = []
+    with os.scandir(runs_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith(".") or entry.name in TRACKING_ENTRIES:
+                continue
+            try:
+                if not entry.is_dir():
+                    raise SkipRun("a file, not a run folder")
+                rows.append(read_run(Path(entry.path)))
+            except SkipRun as e:
+                warn(f"skipped {entry.path}: {e}")
+            except (AttributeError, TypeError, ValueError, KeyError, IndexError) as e:
+                # Valid JSON/YAML of the wrong shape: a foreign folder, never a crash.
+                warn(f"skipped {entry.path}: unexpected content ({type(e).__name__}: {e})")
+    return rows
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """The leaderboard row of one run folder (raises SkipRun when it is not a run)."""
+    summary = _read_json(path / SUMMARY_JSON)
+    config = _read_config(path / CONFIG_YAML)
+    model, train = config.get("model") or {}, config.get("train") or {}
+    stages = train.get("stages") or [{}]
+    image_size = (config.get("data") or {}).get("image_size") or _input_size(path)
+    params = summary.get("params") or {}
+    best = summary.get("best") or {}
+    row: dict[str, Any] = {
+        "id": path.name,
+        "status": summary.get("status", "unknown"),
+        "model": model.get("name") or summary.get("model"),
+        "weights": _weights(model),
+        "trainable": _trainable(stages[-1].get("trainable")),
+        "image_size": image_size,
+        "batch_size": train.get("batch_size"),
+        "stages": _stages(stages),
+        "epochs": summary.get("epochs"),
+        "augment": (train.get("augment") or {}).get("preset"),
+        "imbalance": train.get("imbalance"),
+        "best_epoch": best.get("epoch"),
+    }
+    row.update(dict.fromkeys(_METRICS))
+    for split in ("val", "test"):
+        row.update(_numbers(summary.get(split)))
+    row.update(_evaluations(path / EVALUATIONS))
+    row.update(
+        {
+            "params_total": params.get("total"),
+            "params_trainable": params.get("trainable"),
+            "params_non_trainable": params.get("non_trainable"),
+            "optimizer_state": params.get("optimizer_state"),
+            "model_mb": summary.get("model_size_mb"),
+            "train_s": summary.get("train_seconds"),
+            "images_per_s": summary.get("images_per_s"),
+            "error": summary.get("error"),
+        }
+    )
+    return row
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise SkipRun(f"no {path.name} (half-written, or not a run folder)") from None
+    except (OSError, ValueError) as e:
+        raise SkipRun(f"unreadable {path.name}: {e}") from None
+    if not isinstance(data, dict):
+        raise SkipRun(f"{path.name} is not a JSON object")
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SkipRun(f"no {path.name} (half-written, or not a run folder)") from None
+    except (OSError, ValueError) as e:
+        raise SkipRun(f"unreadable {path.name}: {e}") from None
+    try:
+        data = fast_yaml(text)
+    except _NotSimple:
+        try:
+            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except yaml.YAMLError as e:
+            raise SkipRun(f"{path.name} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SkipRun(f"{path.name} is not a mapping of sections")
+    return data
+
+
+def _input_size(path: Path) -> int | None:
+    """`data.image_size: null` means the model's default: model.json has the real one."""
+    try:
+        return json.loads((path / MODEL_JSON).read_bytes())["preprocessing"]["input_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _weights(model: dict[str, Any]) -> str | None:
+    if model.get("init_from"):
+        return f"warm:{Path(str(model['init_from'])).name}"
+    source = model.get("pretrained")
+    if isinstance(source, str) and source.startswith("file:"):
+        return f"file:{Path(source[5:]).name}"
+    return source
+
+
+def _trainable(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return None if value is None else str(value)
+
+
+def _stages(stages: list[dict[str, Any]]) -> str:
+    """`epochs@lr` per stage; with several stages, what each one trains."""
+    parts = []
+    for s in stages:
+        lr = s.get("lr")
+        text = f"{s.get('epochs', '?')}@{lr:g}" if isinstance(lr, int | float) else "?"
+        if len(stages) > 1:
+            text += f" {_trainable(s.get('trainable'))}"
+        parts.append(text)
+    return " → ".join(parts)
+
+
+def _numbers(values: Any, prefix: str = "") -> dict[str, float]:
+    if not isinstance(values, dict):
+        return {}
+    return {
+        f"{prefix}{k}": v
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _evaluations(folder: Path) -> dict[str, float]:
+    """Scalar metrics of each `evaluations/<name>/metrics.json`, as `<name>.<metric>`."""
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for name in names:
+        try:
+            data = json.loads((folder / name / "metrics.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            inner = data.get("summary", data.get("metrics"))
+            out.update(_numbers(inner if isinstance(inner, dict) else data, f"{name}."))
+    return out
+
+
+def leaderboard(
+    runs_dir: Path,
+    sort: str = "val_accuracy",
+    order: str = "auto",
+    top: int | None = None,
+    where: str | None = None,
+    fmt: str = "table",
+    columns: list[str] | None = None,
+    warn: Callable[[str], None] = print,
+) -> tuple[str, int]:
+    """Collect, filter, rank and render the runs under `runs_dir`: (text, number of rows)."""
+    if fmt not in FORMATS:
+        raise ImgclfError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    rows = collect(runs_dir, warn)
+    known = column_names(rows)
+    for name in columns or ():
+        if name not in known:
+            raise ImgclfError(f"unknown column {name!r}; choose from: {', '.join(known)}")
+    if where:
+        rows = list(filter(parse_where(where, known), rows))
+    rows = sort_rows(rows, sort, order, known)[:top]
+    if columns:
+        shown = list(columns)
+    elif fmt == "table":
+        shown = table_columns(known, [sort])
+    else:
+        shown = known
+    return render(rows, fmt, shown), len(rows)
+
+
+def column_names(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Every column in the rows: run description, metrics (as first seen), then resources."""
+    seen: dict[str, None] = dict.fromkeys((*_HEAD, *_METRICS))
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    tail = [c for c in _TAIL if c in seen]
+    return [c for c in seen if c not in _TAIL] + tail
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric for word in LOWER_IS_BETTER)
+
+
+def sort_rows(
+    rows: list[dict[str, Any]], metric: str, order: str = "auto", columns: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Best first: descending, or ascending for losses; runs without the metric go last."""
+    known = columns if columns is not None else column_names(rows)
+    if metric not in known:
+        raise ImgclfError(f"--sort {metric!r} is not a column; choose one of: {', '.join(known)}")
+    if order not in ("auto", "asc", "desc"):
+        raise ImgclfError(f"--order must be auto, asc or desc, got {order!r}")
+    descending = order == "desc" or (order == "auto" and not lower_is_better(metric))
+
+    def key(row: dict[str, Any]) -> tuple:
+        v = row.get(metric)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return (2, 0, "")
+        if isinstance(v, int | float):
+            return (0, -v if descending else v, "")
+        return (1, 0, str(v))
+
+    newest_first = sorted(rows, key=lambda r: r["id"], reverse=True)  # ties: newest first
+    return sorted(newest_first, key=key)
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+}
+_CLAUSE = re.compile(
+    r"\s*(?P<key>[A-Za-z_][\w.\-]*)\s*(?P<op>==|!=|<=|>=|<|>|=)\s*"
+    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s'\"]+)(?P<rest>\s+(?i:and)\s+|\s*$)"
+)
+
+
+def parse_where(expr: str, columns: list[str]) -> Callable[[dict[str, Any]], bool]:
+    """`key OP value [and key OP value …]` → a row predicate. Parsed, never evaluated."""
+    clauses, pos = [], 0
+    while pos < len(expr):
+        m = _CLAUSE.match(expr, pos)
+        if not m:
+            raise ImgclfError(
+                f"--where: cannot read {expr[pos:]!r}; write clauses like "
+                "`test_accuracy >= 0.9 and model == efficientnet_lite0` (== != < <= > >=)"
+            )
+        if m["key"] not in columns:
+            raise ImgclfError(
+                f"--where: unknown column {m['key']!r}; choose one of: {', '.join(columns)}"
+            )
+        clauses.append((m["key"], _OPS[m["op"]], _literal(m["value"])))
+        pos = m.end()
+    if not clauses:
+        raise ImgclfError("--where is empty; write e.g. `test_accuracy >= 0.9`")
+    if m["rest"].strip():
+        raise ImgclfError(f"--where ends with {m['rest'].strip()!r}: a clause is missing")
+
+    def keep(row: dict[str, Any]) -> bool:
+        return all(_compare(row.get(k), op, v) for k, op, v in clauses)
+
+    return keep
+
+
+def _literal(text: str) -> float | str:
+    if text[:1] in ("'", '"'):
+        return text[1:-1]
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _compare(value: Any, op: Callable[[Any, Any], bool], literal: float | str) -> bool:
+    if value is None:
+        return False
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if isinstance(literal, float) and number:
+        return op(value, literal)
+    if isinstance(literal, float) or number:
+        # A number against a word: only equality makes sense, and it is never equal.
+        return op is operator.ne
+    return op(str(value), literal)
+
+
+def render(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
+    """The rows as table (plain text), csv, markdown, html or json, in `columns` order."""
+    if fmt not in FORMATS:
+        raise ImgclfError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([["" if r.get(c) is None else r.get(c) for c in columns] for r in rows])
+        return buf.getvalue()
+    cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
+    if fmt == "markdown":
+        return _markdown(columns, cells)
+    if fmt == "html":
+        return _html(columns, cells)
+    return _text_table(columns, cells, rows)
+
+
+def table_columns(all_columns: list[str], extra: Iterable[str] = ()) -> list[str]:
+    """The compact default for the terminal: present TABLE_COLUMNS plus `extra` (e.g. the sort)."""
+    chosen = [c for c in TABLE_COLUMNS if c in all_columns]
+    return chosen + [c for c in extra if c in all_columns and c not in chosen]
+
+
+def _cell(value: Any, column: str = "") -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:,.{_DECIMALS.get(column, 4)}f}"
+    text = " ".join(str(value).split())
+    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+
+
+def _text_table(columns: list[str], cells: list[list[str]], rows: list[dict]) -> str:
+    numeric = [
+        any(isinstance(r.get(c), int | float) for r in rows) for c in columns
+    ]  # numbers align right
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+
+    def line(values: list[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("─" * w for w in widths)
+    return "\n".join([line(columns), rule, *(line(row) for row in cells)]) + "\n"
+
+
+def _markdown(columns: list[str], cells: list[list[str]]) -> str:
+    def esc(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("|", "\\|")
+
+    lines = ["| " + " | ".join(esc(c) for c in columns) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in columns) + "|")
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _html(columns: list[str], cells: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "\n".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in cells
+    )
+    return (
+        '<!doctype html>\n<html><head><meta charset="utf-8"><title>imgclf leaderboard</title>'
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+        "tr:nth-child(even){background:#f6f6f6}</style></head><body>\n"
+        f"<h1>imgclf leaderboard</h1>\n<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n"
+        "</tbody>\n</table>\n</body></html>\n"
+    )
+
+
+class _NotSimple(Exception):
+    """The YAML uses more than the plain block style `dump_yaml` writes."""
+
+
+_LINE = re.compile(r"^( *)([^\s#].*)$", re.M)
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+|(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+][0-9]+)?)\Z")
+_PLAIN: dict[str, Any] = {"null": None, "~": None, "true": True, "false": False}
+# Plain words PyYAML would not read as strings: leave those files to PyYAML itself.
+_UNSURE = frozenset({"yes", "no", "on", "off", "null", "true", "false", ".inf", ".nan", "~"})
+
+
+def fast_yaml(text: str) -> Any:
+    """Block-style YAML as `yaml.safe_dump` writes it; raises _NotSimple for anything else."""
+    if "\t" in text or "\r" in text or "\n---" in text or text.startswith("---"):
+        raise _NotSimple
+    lines = [(len(indent), s) for indent, s in _LINE.findall(text)]
+    if not lines:
+        return None
+    value, i = _block(lines, 0, lines[0][0])
+    if i != len(lines):
+        raise _NotSimple
+    return value
+
+
+def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
+    if lines[i][1].startswith("- "):
+        return _sequence(lines, i, indent)
+    return _mapping(lines, i, indent)
+
+
+def _mapping(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[dict, int]:
+    out: dict[str, Any] = {}
+    n = len(lines)
+    while i < n:
+        at, s = lines[i]
+        if at != indent or s.startswith("- "):
+            break
+        key, sep, rest = s.partition(": ")
+        if not sep:
+            key = s[:-1]
+            if s[-1] != ":":
+                raise _NotSimple
+        if not key.isidentifier() or key in out:
+            raise _NotSimple
+        i += 1
+        if rest:
+            out[key] = _scalar(rest)
+        elif i < n and (lines[i][0] > indent or lines[i][1].startswith("- ")):
+            out[key], i = _block(lines, i, lines[i][0])
+        else:
+            out[key] = None
+    if i < n and lines[i][0] > indent:
+        raise _NotSimple
+    return out, i
+
+
+def _sequence(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[list, int]:
+    out: list[Any] = []
+    n = len(lines)
+    while i < n and lines[i][0] == indent and lines[i][1].startswith("- "):
+        content = lines[i][1][2:]
+        key, sep, _ = content.partition(": ")
+        if (sep and key.isidentifier()) or (content[-1:] == ":" and content[:-1].isidentifier()):
+            lines[i] = (indent + 2, content)  # "- key: v" opens a mapping two columns in
+            value, i = _mapping(lines, i, indent + 2)
+        else:
+            value, i = _scalar(content), i + 1
+        out.append(value)
+    if i < n and lines[i][0] > indent:
+        raise _NotSimple
+    return out, i
+
+
+def _scalar(s: str) -> Any:
+    if s in _PLAIN:
+        return _PLAIN[s]
+    c = s[0]
+    if c.isalpha() or c == "/":
+        if " #" in s or ": " in s or s.lower() in _UNSURE:
+            raise _NotSimple
+        return s
+    if c == "'":
+        if len(s) < 2 or s[-1] != "'" or "'" in s[1:-1].replace("''", ""):
+            raise _NotSimple
+        return s[1:-1].replace("''", "'")
+    if _NUMBER.match(s) and s not in (".", "-.", "+."):
+        return float(s.replace("_", "")) if "." in s else int(s)
+    if s == "[]":
+        return []
+    if s == "{}":
+        return {}
+    raise _NotSimple  # flow collections, double quotes, anchors, block scalars, …

@@ -1,0 +1,268 @@
+"""The leaderboard on real tiny run folders (completed, two-stage, diverged, interrupted) next to
+foreign and half-written entries: rows, formats, sorting, --top, --where, and the CLI."""
+
+import csv
+import fcntl
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imgclf.config import dump_yaml, load_config
+from imgclf.errors import ImgclfError
+from imgclf.runs.leaderboard import (
+    _NotSimple,
+    collect,
+    column_names,
+    fast_yaml,
+    leaderboard,
+    parse_where,
+    sort_rows,
+)
+from imgclf.train.run import train
+
+import factory as fx
+
+TINY = [
+    "model.name=scratch_cnn",
+    "model.pretrained=none",
+    "model.scratch.blocks=2",
+    "model.scratch.width=8",
+    "data.image_size=32",
+    "train.batch_size=8",
+    "tracking.mlflow=false",
+]
+
+
+def shared_dir(tmp_path_factory, name: str, build) -> Path:
+    """A folder built once per test session and shared by the xdist workers (read-only use)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    target = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            build(target)
+            (root / f"{name}.done").touch()
+    return target
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A runs folder: 3 real runs, an interrupted copy, and things that are not runs."""
+    root = shared_dir(tmp_path_factory, "leaderboard-runs", _build_runs)
+    made = {k: root / "runs" / v for k, v in json.loads((root / "made.json").read_text()).items()}
+    return root / "runs", made
+
+
+def _build_runs(tmp: Path) -> None:
+    data = fx.make_class_folder(tmp / "data", classes=("a", "b", "c"), per_class=10, size=(40, 40))
+    common = [f"data.root={data}", f"runs_dir={tmp / 'runs'}", f"data.manifest={tmp / 'm'}", *TINY]
+    made = {}
+    for name, extra in {
+        "one": ["train.stages=[{epochs: 2, lr: 0.01}]", "train.augment.preset=light"],
+        "two": [
+            "train.stages=[{epochs: 1, lr: 0.02, trainable: head}, {epochs: 1, lr: 0.001}]",
+            "train.imbalance=weighted_loss",
+        ],
+    }.items():
+        cfg = load_config(None, [*common, f"name={name}", *extra])
+        made[name] = train(cfg, progress=False, log=lambda *_: None)
+    bad = [
+        "name=boom",
+        "train.stages=[{epochs: 2, lr: 1.0e+12, schedule: constant, optimizer: sgd}]",
+    ]
+    with pytest.raises(ImgclfError):
+        train(load_config(None, [*common, *bad]), progress=False, log=lambda *_: None)
+    root = tmp / "runs"
+    made["boom"] = next(p for p in root.iterdir() if "boom" in p.name)
+    # An interrupted run: a copy of a real one whose summary says so (the trainer's own Ctrl-C
+    # path is tested with the trainer); its error text checks HTML escaping.
+    stopped = root / "20990101-000000-stopped-scratch_cnn-aaaaaa"
+    shutil.copytree(made["one"], stopped)
+    summary = json.loads((stopped / "summary.json").read_text())
+    summary.update(status="interrupted", error="<b>Ctrl-C</b> & saved", val={"val_accuracy": 0.25})
+    (stopped / "summary.json").write_text(json.dumps(summary))
+    made["stopped"] = stopped
+    # An evaluation of run "two", as `imgclf evaluate` writes it.
+    ev = made["two"] / "evaluations" / "test"
+    ev.mkdir(parents=True)
+    (ev / "metrics.json").write_text(json.dumps({"summary": {"recall_weighted": 0.123}}))
+    # Not runs: a plain file, a half-written folder, broken JSON, a foreign folder, the store.
+    (root / "notes.txt").write_text("hello")
+    (root / "half").mkdir()
+    (root / "half" / "config.yaml").write_text((made["one"] / "config.yaml").read_text())
+    (root / "broken").mkdir()
+    (root / "broken" / "summary.json").write_text('{"status": "compl')
+    (root / "broken" / "config.yaml").write_text("a: 1\n")
+    (root / "photos").mkdir()
+    (root / "odd").mkdir()
+    (root / "odd" / "summary.json").write_text('{"status": "completed", "best": [1]}')
+    (root / "odd" / "config.yaml").write_text("model: 5\ntrain: [1, 2]\n")
+    (root / "mlflow.db").write_bytes(b"SQLite format 3\x00")
+    (root / ".DS_Store").write_bytes(b"\x00")
+    (tmp / "made.json").write_text(json.dumps({k: v.name for k, v in made.items()}))
+
+
+def by_id(rows):
+    return {r["id"]: r for r in rows}
+
+
+def test_rows_statuses_and_skipped_entries(runs):
+    root, made = runs
+    warnings = []
+    rows = by_id(collect(root, warnings.append))
+    assert set(rows) == {p.name for p in made.values()}
+    assert [rows[made[k].name]["status"] for k in ("one", "two", "boom", "stopped")] == [
+        "completed",
+        "completed",
+        "diverged",
+        "interrupted",
+    ]
+    one = rows[made["one"].name]
+    summary = json.loads((made["one"] / "summary.json").read_text())
+    assert one["val_accuracy"] == summary["val"]["val_accuracy"]
+    assert one["test_accuracy"] == summary["test"]["test_accuracy"]
+    assert one["params_total"] == summary["params"]["total"] > 0
+    assert one["optimizer_state"] == summary["params"]["optimizer_state"]
+    assert one["best_epoch"] == summary["best"]["epoch"]
+    assert (one["model"], one["weights"], one["trainable"]) == ("scratch_cnn", "none", "all")
+    assert (one["image_size"], one["batch_size"], one["augment"]) == (32, 8, "light")
+    assert one["stages"] == "2@0.01"
+    two = rows[made["two"].name]
+    assert two["stages"] == "1@0.02 head → 1@0.001 all"
+    assert two["imbalance"] == "weighted_loss"
+    assert two["test.recall_weighted"] == 0.123
+    assert rows[made["boom"].name]["val_accuracy"] is None
+    text = "\n".join(warnings)
+    for name in ("notes.txt", "half", "broken", "photos", "odd"):
+        assert f"{root / name}:" in text
+    assert len(warnings) == 5  # mlflow.db and dotfiles are skipped quietly
+    assert "no summary.json" in text and "unreadable summary.json" in text
+
+
+def test_formats(runs):
+    root, made = runs
+    n = len(made)
+    text, count = leaderboard(root, fmt="csv", warn=lambda m: None)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert count == len(rows) == n
+    assert float(rows[0]["val_accuracy"]) == max(
+        r["val_accuracy"] for r in collect(root, lambda m: None) if r["val_accuracy"] is not None
+    )
+    data = json.loads(leaderboard(root, fmt="json", warn=lambda m: None)[0])
+    assert len(data) == n and {d["status"] for d in data} >= {"completed", "diverged"}
+    md = leaderboard(root, fmt="markdown", warn=lambda m: None)[0].splitlines()
+    assert len(md) == n + 2 and set(md[1].replace(" ", "")) == {"|", "-"}
+    pipes = {line.replace("\\|", "").count("|") for line in md}
+    assert pipes == {len(column_names(collect(root, lambda m: None))) + 1}
+    page = leaderboard(root, fmt="html", warn=lambda m: None)[0]
+    assert "&lt;b&gt;Ctrl-C&lt;/b&gt; &amp; saved" in page and "<b>Ctrl-C" not in page
+    assert page.count("<tr>") == n + 1
+    table = leaderboard(root, warn=lambda m: None)[0].splitlines()
+    assert table[0].split()[:3] == ["id", "status", "model"] and len(table) == n + 2
+    with pytest.raises(ImgclfError, match="unknown format"):
+        leaderboard(root, fmt="xml", warn=lambda m: None)
+
+
+def test_sorting_and_top(runs):
+    root, made = runs
+    rows = collect(root, lambda m: None)
+    ranked = sort_rows(rows, "val_loss")
+    losses = [r["val_loss"] for r in ranked if r["val_loss"] is not None]
+    assert losses == sorted(losses) and ranked[-1]["val_loss"] is None  # ascending, missing last
+    ranked = sort_rows(rows, "val_accuracy")
+    accs = [r["val_accuracy"] for r in ranked if r["val_accuracy"] is not None]
+    assert accs == sorted(accs, reverse=True) and ranked[-1]["id"] == made["boom"].name
+    assert sort_rows(rows, "val_accuracy", "asc")[0]["val_accuracy"] == min(accs)
+    assert sort_rows(rows, "params_total", "desc")[0]["params_total"] == max(
+        r["params_total"] for r in rows
+    )
+    with pytest.raises(ImgclfError, match="not a column; choose one of: id, status"):
+        sort_rows(rows, "val_acc")
+    text, n = leaderboard(root, sort="test.recall_weighted", top=1, fmt="json", warn=print)
+    assert n == 1 and json.loads(text)[0]["id"] == made["two"].name
+
+
+def test_where_filters_safely(runs):
+    root, made = runs
+    rows = collect(root, lambda m: None)
+    cols = column_names(rows)
+    keep = parse_where("model == scratch_cnn and status != completed", cols)
+    assert {r["id"] for r in rows if keep(r)} == {made["boom"].name, made["stopped"].name}
+    keep = parse_where("val_accuracy <= 0.25 and stages = '2@0.01'", cols)
+    assert [r["id"] for r in rows if keep(r)] == [made["stopped"].name]
+    keep = parse_where('batch_size>=8 AND imbalance == "weighted_loss"', cols)
+    assert [r["id"] for r in rows if keep(r)] == [made["two"].name]
+    keep = parse_where("model == 3", cols)  # a number never equals a word
+    assert not any(keep(r) for r in rows)
+    with pytest.raises(ImgclfError, match=r"unknown column 'acc'; choose one of: id, status"):
+        parse_where("acc > 0.5", cols)
+    for bad in ("__import__('os').system('x')", "val_loss < 1 or 1", "val_loss < 1 and", ""):
+        with pytest.raises(ImgclfError, match="--where"):
+            parse_where(bad, cols)
+
+
+def test_fast_yaml_reads_what_dump_yaml_writes(runs):
+    _, made = runs
+    texts = [(p / "config.yaml").read_text() for p in made.values()]
+    texts.append(
+        dump_yaml(
+            load_config(
+                None,
+                [
+                    "name='it''s: #1'",
+                    "data.root=/data/ünï code",
+                    "model.pretrained=file:/w/x#y.pth",
+                    "model.head.hidden=[256, 128]",
+                    "train.augment.scale=[0.3, 1]",
+                    "train.stages=[{trainable: head}, {trainable: {last_blocks: 2}, lr: 1.0e-5}]",
+                ],
+            )
+        )
+    )
+    for text in texts:
+        assert fast_yaml(text) == yaml.safe_load(text)
+    for odd in ("a: yes\n", "a: {b: 1}\n", 'a: "x"\n', "a: |\n  x\n", "a: b\n  c\n", "a:\tb\n"):
+        with pytest.raises(_NotSimple):
+            fast_yaml(odd)
+
+
+def test_hand_written_config_falls_back_to_pyyaml(tmp_path, runs):
+    _, made = runs
+    run = tmp_path / "runs" / "hand"
+    shutil.copytree(made["one"], run)
+    (run / "config.yaml").write_text(
+        "model: {name: resnet18, pretrained: hub}\ntrain:\n  batch_size: 4\n"
+    )
+    (row,) = collect(tmp_path / "runs", print)
+    assert (row["model"], row["weights"], row["batch_size"]) == ("resnet18", "hub", 4)
+
+
+def test_cli_writes_file_and_warns(runs, tmp_path):
+    root, made = runs
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = tmp_path / "board.json"
+    cmd = [sys.executable, "-m", "imgclf", "leaderboard", "--runs", str(root), "--format", "json"]
+    res = subprocess.run(
+        [*cmd, "--where", "status == completed", "--sort", "val_loss", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert {d["id"] for d in data} == {made["one"].name, made["two"].name}
+    assert "skipped" in res.stderr and "notes.txt" in res.stderr
+    bad = subprocess.run([*cmd, "--where", "nope > 1"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown column 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,0 +1,138 @@
+"""Contact sheets from a real scanned manifest: layout, the raw tiles are the eval view, the
+augmented tiles follow the preset and the seed, bad images become grey tiles, and the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgclf.config import AugmentConfig, ScanConfig
+from imgclf.data.images import load_image
+from imgclf.data.manifest import read_manifest
+from imgclf.data.preview import (
+    _GAP,
+    _HEADER,
+    _PAD,
+    augmented_batch,
+    contact_sheet,
+    pick_samples,
+    to_pil,
+)
+from imgclf.data.scan import scan_to
+from imgclf.data.transforms import eval_transform
+from imgclf.errors import ImgclfError
+
+import factory as fx
+
+CLASSES = ("cat", "dog", "fish")
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    data = fx.make_class_folder(tmp_path / "data", classes=CLASSES, per_class=5, size=(48, 40))
+    scan_to(data, tmp_path / "m", ScanConfig(workers=1), progress=False)
+    return tmp_path / "m"
+
+
+def tiles(sheet: Image.Image, rows: int, per_class: int, size: int):
+    """(raw, augmented) tile arrays per row and column, located from the right edge."""
+    a = np.asarray(sheet)
+    block = per_class * (size + _PAD)
+    right0 = a.shape[1] - block
+    left0 = right0 - _GAP - block
+    out = []
+    for r in range(rows):
+        y = _HEADER + r * (size + _PAD)
+        out.append(
+            [
+                (
+                    a[y : y + size, left0 + c * (size + _PAD) :][:, :size],
+                    a[y : y + size, right0 + c * (size + _PAD) :][:, :size],
+                )
+                for c in range(per_class)
+            ]
+        )
+    return out
+
+
+def test_sheet_layout_raw_view_and_augmentation(manifest, tmp_path):
+    out = tmp_path / "sheet.png"
+    sheet = contact_sheet(manifest, per_class=3, preset="strong", size=32, seed=1, out=out)
+    assert (sheet.classes, sheet.per_class, sheet.skipped) == (3, 3, 0)
+    im = Image.open(out)
+    assert im.format == "PNG" and im.height == _HEADER + 3 * (32 + _PAD) + _PAD
+    m = read_manifest(manifest)
+    picked = pick_samples(m, 3, seed=1)
+    assert list(picked) == list(CLASSES) and all(len(v) == 3 for v in picked.values())
+    raw_tf = eval_transform(32, (0.5,) * 3, (0.5,) * 3, crop_pct=1.0)
+    grid = tiles(im.convert("RGB"), 3, 3, 32)
+    for r, entries in enumerate(picked.values()):
+        for c, entry in enumerate(entries):
+            expected = np.asarray(to_pil(raw_tf(load_image(m.root / entry.path))))
+            raw, aug = grid[r][c]
+            assert np.array_equal(raw, expected), (r, c)
+            assert np.abs(aug.astype(int) - raw.astype(int)).mean() > 5  # strong changes it
+    # Same seed: the same sheet, byte for byte; another seed: other augmentations.
+    again = contact_sheet(
+        manifest, per_class=3, preset="strong", size=32, seed=1, out=tmp_path / "b.png"
+    )
+    assert (tmp_path / "b.png").read_bytes() == out.read_bytes() and again.skipped == 0
+    contact_sheet(manifest, per_class=3, preset="strong", size=32, seed=2, out=tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes() != out.read_bytes()
+
+
+def test_preset_none_shows_the_raw_view_and_bad_images_are_grey(manifest, tmp_path):
+    m = read_manifest(manifest)
+    victim = m.root / pick_samples(m, 2, seed=0)["dog"][0].path
+    victim.write_bytes(b"not an image any more")
+    out = tmp_path / "none.png"
+    sheet = contact_sheet(manifest, per_class=2, preset="none", size=24, seed=0, out=out)
+    assert sheet.skipped == 1
+    grid = tiles(Image.open(out).convert("RGB"), 3, 2, 24)
+    for r in range(3):
+        for c in range(2):
+            raw, aug = grid[r][c]
+            assert np.array_equal(raw, aug)
+    grey = grid[1][0][0]
+    assert (grey == 220).all()
+    assert not list(tmp_path.glob(".none.png.*"))  # written atomically, no temporary left
+
+
+def test_split_filter_and_errors(manifest, tmp_path):
+    m = read_manifest(manifest)
+    with pytest.raises(ImgclfError, match="no usable images in split 'val'"):
+        pick_samples(m, 2, split="val")
+    with pytest.raises(ImgclfError, match="unknown augment preset 'wild'"):
+        contact_sheet(manifest, preset="wild", out=tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_augmented_batch_for_tensorboard(manifest):
+    batch = augmented_batch(
+        read_manifest(manifest), AugmentConfig(preset="light"), 16, (0.5,) * 3, (0.5,) * 3, n=4
+    )
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == torch.float32
+    assert batch.min() >= -1.0 and batch.max() <= 1.0
+
+
+def test_cli(manifest, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "imgclf", "data", "preview", str(manifest)]
+    out = tmp_path / "cli.png"
+    res = subprocess.run(
+        [*cmd, "--per-class", "2", "--augment", "light", "--size", "40", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "3 classes × 2 samples" in res.stdout
+    assert Image.open(out).height == _HEADER + 3 * (40 + _PAD) + _PAD
+    bad = subprocess.run([*cmd, "--augment", "wild"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Invalid value for '--augment'" in bad.stderr

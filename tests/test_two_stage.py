@@ -123,3 +123,8 @@ def test_two_stage_trains_and_sums_to_one(tmp_path):
         "two_stage": summary["test"]["test_accuracy"],
         "single_stage": 0.5,
     }
+    # Its report compares it with the single-stage run.
+    from imgclf.evaluate.report import write_report
+
+    html = write_report(folder).read_text()
+    assert 'id="two-stage"' in html and "single-stage" in html

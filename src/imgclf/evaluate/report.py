@@ -67,6 +67,10 @@ def render_report(run: Path) -> str:
         "eval_error": eval_error,
         "others": [e for e in list_evaluations(run) if e["name"] != (evaluation or {}).get("name")],
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        # written by `imgclf two-stage --from-run`: the composite against its single-stage run
+        "two_stage": _json(run / "comparison.json")
+        if (run / "comparison.json").is_file()
+        else None,
     }
     if evaluation:
         folder = Path(evaluation["folder"])

@@ -315,3 +315,10 @@ def test_a_finished_run_is_mirrored_to_mlflow(data, tmp_path):
     assert [m.step for m in history] == [1, 2]
     assert found.data.params["train.batch_size"] == "8"
     assert json.loads((run / "tracking.json").read_text())["mlflow_run_id"] == found.info.run_id
+
+
+def test_tensorboard_logs_on_request(data, tmp_path):
+    cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "tracking.tensorboard=true")
+    run = train(cfg, progress=False, log=lambda *_: None)
+    events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 100 for e in events)

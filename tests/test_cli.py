@@ -92,7 +92,8 @@ def test_train_and_lr_find_from_the_command_line(tmp_path):
     assert "suggested lr:" in r.stdout and (tmp_path / "lr.png").stat().st_size > 1000
     r = imgclf("train", *common, "train.stages=[{epochs: 1}]", "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if (p / "summary.json").is_file()]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert (tmp_path / "runs" / "mlflow.db").is_file(), "mirrored to the default MLflow store"
     r = imgclf("train", *common, "train.stages=[{epoks: 1}]", cwd=tmp_path)
     assert r.returncode == 2 and "epoks" in r.stderr

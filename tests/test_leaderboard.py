@@ -266,3 +266,20 @@ def test_cli_writes_file_and_warns(runs, tmp_path):
     bad = subprocess.run([*cmd, "--where", "nope > 1"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown column 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_sweep_filter_keeps_only_that_sweeps_trials(runs, tmp_path):
+    _, made = runs
+    root = tmp_path / "runs"
+    for name, tag in (("t0", "heads"), ("t1", "heads"), ("other", "lrs")):
+        copy = root / f"20990101-000000-{name}"
+        shutil.copytree(made["one"], copy)
+        summary = json.loads((copy / "summary.json").read_text())
+        (copy / "summary.json").write_text(json.dumps({**summary, "tags": {"sweep": tag}}))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "imgclf", "leaderboard", "--runs", str(root), "-f", "json"]
+    res = subprocess.run([*cmd, "--sweep", "heads"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert sorted(r["id"] for r in rows) == ["20990101-000000-t0", "20990101-000000-t1"]
+    assert {r["sweep"] for r in rows} == {"heads"}

@@ -36,6 +36,7 @@ def leaderboard(
     columns: Annotated[
         str | None, typer.Option(help="comma-separated columns (default: a compact set)")
     ] = None,
+    sweep: Annotated[str | None, typer.Option(help="only the trials of this sweep")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write to this file")] = None,
 ) -> None:
     """Rank the runs in a folder: one row per run, with metrics, parameters and status."""
@@ -43,6 +44,8 @@ def leaderboard(
     from imgclf.runs.leaderboard import leaderboard as build
 
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if sweep:
+        where = f"sweep == {sweep}" + (f" and {where}" if where else "")
     text, n = build(runs, sort, order, top, where, fmt, chosen, warn=_warn)
     if out is not None:
         atomic_write_text(out, text)

@@ -135,6 +135,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "augment": (train.get("augment") or {}).get("preset"),
         "imbalance": train.get("imbalance"),
         "best_epoch": best.get("epoch"),
+        "sweep": (summary.get("tags") or {}).get("sweep"),
     }
     row.update(dict.fromkeys(_METRICS))
     for split in ("val", "test"):

@@ -20,12 +20,15 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/imgclf demo
 
-# The browser tests drive Debian's Chromium; install it (and its driver) when it is missing.
+# The browser tests drive Debian's Chromium, the distributed-sweep tests a real PostgreSQL:
+# install them (Debian packages) when they are missing.
 system-deps:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	  else echo "install Debian's chromium and chromium-driver (sudo apt-get install chromium chromium-driver)"; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver postgresql >/dev/null; \
+	  else echo "install Debian's chromium, chromium-driver and postgresql (sudo apt-get install ...)"; exit 1; fi; }
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check src tests benchmarks

@@ -7,7 +7,7 @@ import importlib
 
 import typer
 
-AREAS = ("evaluate", "leaderboard", "predict", "serve")
+AREAS = ("evaluate", "leaderboard", "predict", "serve", "sweep")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -38,7 +38,7 @@ def evaluate(
 
 
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="one or more run folders")],
+    runs: Annotated[list[Path] | None, typer.Argument(help="one or more run folders")] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -48,12 +48,22 @@ def report(
             "page, default reports/compare-<time>.html",
         ),
     ] = None,
+    sweep: Annotated[str | None, typer.Option(help="the report of this sweep instead")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="runs folder of --sweep")] = Path("runs"),
 ) -> None:
     """One self-contained HTML page per run (evaluating it first if needed); a comparison page
     for several runs."""
     from imgclf.cli import console
+    from imgclf.errors import ImgclfError
     from imgclf.evaluate.report import compare_runs, write_report
 
+    if sweep:
+        from imgclf.sweep.report import write_sweep_report
+
+        console.print(f"sweep report: {write_sweep_report(sweep, runs_dir)}", soft_wrap=True)
+        return
+    if not runs:
+        raise ImgclfError("name one or more run folders, or --sweep ID")
     if len(runs) == 1:
         console.print(f"report: {write_report(runs[0], out)}", soft_wrap=True)
         return

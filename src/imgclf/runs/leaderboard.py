@@ -33,7 +33,10 @@ SUMMARY_JSON, CONFIG_YAML, MODEL_JSON, EVALUATIONS = (
     "evaluations",
 )
 # The tracking store lives beside the runs by default: ours, so skipped without a warning.
-TRACKING_ENTRIES = frozenset({"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlartifacts"})
+# Not runs, but expected in a runs folder: the tracking store and the sweeps' studies.
+TRACKING_ENTRIES = frozenset(
+    {"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlartifacts", "sweeps"}
+)
 FORMATS = ("table", "csv", "markdown", "html", "json")
 LOWER_IS_BETTER = ("loss", "ece")
 TABLE_COLUMNS = (

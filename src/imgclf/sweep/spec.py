@@ -1,0 +1,300 @@
+"""The typed sweep file: a base run config, a search space, a method and where the study lives.
+
+Validated once, at the edge, in the style of `imgclf.config`: unknown keys fail with the nearest
+valid key, and method-specific rules (a grid needs `values`, random and optuna need `trials`)
+fail with the fix. Parameter keys are checked against the run config later, by `space`, because
+only the resolved base config knows which keys (and list indices) exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgclf.errors import ImgclfError
+
+METHODS = ("grid", "list", "random", "optuna")
+# What `train()` reports per epoch (val_top5 only with more than 5 classes).
+METRICS = ("val_accuracy", "val_loss", "val_top5", "train_accuracy", "train_loss")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_KEY = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def encode_choice(value: Any) -> Any:
+    """Optuna stores only scalars as choices: lists and mappings travel as compact JSON."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class ParamSpec(_Strict):
+    """One dotted config key: a list of `values`, or a range `low`..`high` (random / optuna)."""
+
+    values: list[Any] | None = Field(None, min_length=1, description="categorical choices")
+    low: int | float | None = None  # ints stay ints: an integer range
+    high: int | float | None = None
+    log: bool = Field(False, description="sample the range on a log scale")
+    step: int | float | None = Field(None, gt=0, description="range quantisation (not with log)")
+    type: Literal["int", "float"] | None = Field(None, description="None: int if bounds are")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        has_range = self.low is not None or self.high is not None
+        if self.values is not None and has_range:
+            raise ValueError("give either values or low/high, not both")
+        if self.values is None and not has_range:
+            raise ValueError("give values: [...] or a range low: / high:")
+        if self.values is not None:
+            encoded = [json.dumps([type(v).__name__, encode_choice(v)]) for v in self.values]
+            if len(set(encoded)) != len(encoded):
+                raise ValueError(f"values repeat: {self.values}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, got {self.low:g} and {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("step cannot be combined with log: true")
+        return self
+
+    @property
+    def is_range(self) -> bool:
+        return self.values is None
+
+    @property
+    def is_int(self) -> bool:
+        if self.type is not None:
+            return self.type == "int"
+        bounds = [self.low, self.high, *([self.step] if self.step else [])]
+        return all(isinstance(b, int) for b in bounds)
+
+    def contains(self, value: Any) -> bool:
+        if self.values is not None:
+            return encode_choice(value) in [encode_choice(v) for v in self.values]
+        ok_type = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok_type and self.low <= value <= self.high  # type: ignore[operator]
+
+
+class Variant(_Strict):
+    """One named trial of a `list` sweep: overrides on top of the base."""
+
+    name: str = Field(min_length=1, max_length=64)
+    overrides: list[str] = Field(default_factory=list, description="a.b=value, as on the CLI")
+
+
+class PrunerSpec(_Strict):
+    """Stop unpromising trials early on the epoch-by-epoch metric."""
+
+    type: Literal["none", "median", "hyperband"] = "none"
+    startup_trials: int = Field(2, ge=0, description="median: finished trials before pruning")
+    warmup_epochs: int = Field(0, ge=0, description="median: epochs a trial always runs")
+    min_epochs: int = Field(1, ge=1, description="hyperband: smallest budget")
+    reduction_factor: int = Field(3, ge=2, description="hyperband: keep 1 in this many")
+
+
+class HeartbeatSpec(_Strict):
+    """RDB heartbeat: a trial whose worker stops beating for `grace` seconds is marked failed."""
+
+    interval: int = Field(30, ge=1, description="seconds between heartbeats")
+    grace: int | None = Field(None, ge=1, description="None: 4 × interval")
+
+    @property
+    def grace_seconds(self) -> int:
+        return self.grace if self.grace is not None else 4 * self.interval
+
+
+class SweepConfig(_Strict):
+    """A sweep: trials are ordinary runs of `base` + `overrides` + one point of the space."""
+
+    id: str | None = Field(None, description="study name; default: the sweep file's stem")
+    base: Path | None = Field(None, description="run config, relative to the sweep file")
+    overrides: list[str] = Field(default_factory=list, description="applied to every trial")
+    method: Literal["grid", "list", "random", "optuna"] = "grid"
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict, description="dotted keys")
+    variants: list[Variant] = Field(default_factory=list, description="method: list")
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list, description="random / optuna: points tried first"
+    )
+    trials: int | None = Field(None, ge=1, description="random / optuna: how many in all")
+    metric: str = Field("val_accuracy", description="what the study optimises")
+    direction: Literal["auto", "maximize", "minimize"] = "auto"
+    seed: int = Field(0, description="sampler seed (random points, TPE)")
+    startup_trials: int = Field(10, ge=0, description="optuna: random trials before TPE models")
+    pruner: PrunerSpec = PrunerSpec()
+    storage: str | None = Field(None, description="None: sqlite in <runs>/sweeps/<id>/")
+    init_from: Path | None = Field(None, description="warm start every trial from this run")
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_shorthand(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ID.match(v):
+            raise ValueError("use letters, digits, '_', '.', '-' (at most 64), e.g. digits-heads")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _keys_are_dotted(cls, v: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        bad = [k for k in v if not _KEY.match(k)]
+        if bad:
+            raise ValueError(f"parameter keys are dotted config keys like model.head.pool: {bad}")
+        return v
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in METRICS:
+            near = difflib.get_close_matches(v, METRICS, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ValueError(f"unknown metric {v!r}; {hint}(choose from {', '.join(METRICS)})")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_the_method(self) -> SweepConfig:
+        m, params = self.method, self.parameters
+        if m in ("grid", "random", "optuna") and not params:
+            raise ValueError(f"method {m} needs parameters: {{key: {{values: [...]}}}}")
+        if m != "list" and self.variants:
+            raise ValueError(f"variants are for method: list (this sweep is method: {m})")
+        if m == "grid":
+            ranges = [k for k, p in params.items() if p.is_range]
+            if ranges:
+                raise ValueError(
+                    f"a grid needs values: for every parameter; {ranges} are ranges "
+                    "(use method: random or optuna for ranges)"
+                )
+        if m == "list":
+            if not self.variants or params:
+                raise ValueError("method: list takes variants: [{name, overrides}], no parameters")
+            names = [v.name for v in self.variants]
+            if len(set(names)) != len(names):
+                raise ValueError(f"variant names must be unique: {names}")
+        if m in ("grid", "list") and self.trials is not None:
+            raise ValueError(f"method {m} runs every point once; remove trials")
+        if m in ("random", "optuna") and self.trials is None:
+            raise ValueError(f"method {m} needs trials: N")
+        self._check_enqueue()
+        return self
+
+    def _check_enqueue(self) -> None:
+        if self.enqueue and self.method not in ("random", "optuna"):
+            raise ValueError("enqueue is for method: random or optuna")
+        if self.trials is not None and len(self.enqueue) > self.trials:
+            raise ValueError(f"enqueue has {len(self.enqueue)} points but trials is {self.trials}")
+        for i, point in enumerate(self.enqueue):
+            unknown = sorted(set(point) - set(self.parameters))
+            if unknown:
+                raise ValueError(f"enqueue[{i}] sets {unknown}, which are not parameters")
+            outside = [k for k, v in point.items() if not self.parameters[k].contains(v)]
+            if outside:
+                raise ValueError(f"enqueue[{i}]: {outside} outside the parameter's values/range")
+
+    @property
+    def maximize(self) -> bool:
+        if self.direction != "auto":
+            return self.direction == "maximize"
+        return not ("loss" in self.metric or "error" in self.metric)
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    """Read and validate a sweep file; `id` defaults to its stem, `base` resolves beside it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ImgclfError(f"sweep file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ImgclfError(f"{path} is not valid YAML: {e}") from e
+    if raw is not None and not isinstance(raw, dict):
+        raise ImgclfError(f"{path} must hold a mapping (id, base, method, parameters, …)")
+    spec = validate_sweep(raw or {}, source=f"sweep file {path}")
+    update: dict[str, Any] = {}
+    if spec.id is None:
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "sweep"
+        update["id"] = stem[:64]
+    if spec.base is not None and not spec.base.is_absolute():
+        update["base"] = (path.parent / spec.base).resolve()
+    return spec.model_copy(update=update)
+
+
+def validate_sweep(raw: dict[str, Any], source: str = "sweep") -> SweepConfig:
+    """Validate a sweep mapping; errors list every problem with the nearest valid key."""
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ImgclfError(f"invalid {source}:\n" + "\n".join(_explain(e))) from None
+
+
+def _explain(err: ValidationError) -> list[str]:
+    lines = []
+    for item in err.errors():
+        loc = list(item["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else ""
+            lines.append(f"  {dotted}: unknown key{hint} (valid: {', '.join(valid)})")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            got = f" (got {_short(item.get('input'))})" if loc else ""
+            lines.append(f"  {dotted}: {msg}{got}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fields_at(loc: list[Any]) -> list[str]:
+    """Field names of the sweep model found by walking `loc` (dict keys and list indices too)."""
+    ann: Any = SweepConfig
+    for part in loc:
+        origin = typing.get_origin(ann)
+        if origin in (list, dict):  # an index or a free key: step into the item type
+            ann = typing.get_args(ann)[-1]
+            continue
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        field = ann.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+    while typing.get_origin(ann) in (list, dict):
+        ann = typing.get_args(ann)[-1]
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return list(ann.model_fields)
+    return []
+
+
+SWEEPS_DIR = "sweeps"  # <runs_dir>/sweeps/<id>/: sweep.json, study.db, logs/, report.html
+
+
+def sweep_folder(runs_dir: str | Path, sweep_id: str) -> Path:
+    """Where a sweep keeps its study (by default), worker logs and report."""
+    return Path(runs_dir) / SWEEPS_DIR / sweep_id
+
+
+def default_storage(runs_dir: str | Path, sweep_id: str) -> str:
+    """The local SQLite study beside the runs (an absolute path: workers may change folder)."""
+    return f"sqlite:///{(sweep_folder(runs_dir, sweep_id) / 'study.db').resolve()}"

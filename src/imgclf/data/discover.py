@@ -136,7 +136,7 @@ def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
         return
     for it in items:
         r = f"{rel}/{it.name}" if rel else it.name
-        if _is_dir(it):
+        if is_dir(it):
             if it.name == "__MACOSX":
                 d.ignore(r + "/", "__MACOSX folder")
             elif it.name.startswith("."):
@@ -148,7 +148,7 @@ def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
             else:
                 yield from _walk(d, Path(it.path), r, follow, seen | {real})
             continue
-        kind = _ignored_kind(it.name)
+        kind = ignored_kind(it.name)
         if kind:
             d.ignore(r, kind)
         elif it.is_symlink() and not _link_allowed(d.root, it.path, follow):
@@ -157,14 +157,16 @@ def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
             yield r
 
 
-def _is_dir(it: os.DirEntry) -> bool:
+def is_dir(it: os.DirEntry) -> bool:
+    """A directory (or a link to one); False when the entry cannot be read."""
     try:
         return it.is_dir()
     except OSError:
         return False
 
 
-def _ignored_kind(name: str) -> str:
+def ignored_kind(name: str) -> str:
+    """Why a file in a data folder is not a candidate ('' when it is one)."""
     low = name.lower()
     if low in JUNK_FILES:
         return JUNK_FILES[low]

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from imgclf.data.discover import JUNK_FILES
-from imgclf.data.images import IMAGE_EXTENSIONS
+from imgclf.data.discover import ignored_kind, is_dir
 from imgclf.errors import ImgclfError
 
 LIST_SUFFIXES = (".csv", ".tsv")
@@ -74,20 +73,6 @@ def _expand_one(arg: str, out: Inputs, allow_lists: bool) -> None:
         out.paths.append(arg)
 
 
-def ignored_kind(name: str) -> str:
-    """Why a file inside a folder is not an input ('' when it is one)."""
-    low = name.lower()
-    if low in JUNK_FILES:
-        return JUNK_FILES[low]
-    if name.startswith("._"):
-        return "AppleDouble ._ file"
-    if name.startswith("."):
-        return "hidden file"
-    if os.path.splitext(low)[1] not in IMAGE_EXTENSIONS:
-        return "not an image extension"
-    return ""
-
-
 def walk(folder: Path, ignored: Counter, seen: frozenset[str] = frozenset()) -> Iterator[str]:
     """Image files below `folder`, sorted by name per folder; never loops on symlinks."""
     real = os.path.realpath(folder)
@@ -100,7 +85,7 @@ def walk(folder: Path, ignored: Counter, seen: frozenset[str] = frozenset()) -> 
     except OSError as e:
         raise ImgclfError(f"cannot list the folder {folder}: {e.strerror}") from e
     for it in items:
-        if _is_dir(it):
+        if is_dir(it):
             if it.name.startswith(".") or it.name == "__MACOSX":
                 ignored["hidden or __MACOSX folder"] += 1
             else:
@@ -109,13 +94,6 @@ def walk(folder: Path, ignored: Counter, seen: frozenset[str] = frozenset()) -> 
             ignored[kind] += 1
         else:
             yield it.path
-
-
-def _is_dir(it: os.DirEntry) -> bool:
-    try:
-        return it.is_dir()
-    except OSError:
-        return False
 
 
 def read_list(path: Path) -> list[str]:

@@ -247,3 +247,14 @@ def make_class_folder(
             params = {"quality": 95} if fmt == "JPEG" else {}
             _save(root / name / f"{name}_{i}{ext}", im, fmt, **params)
     return root
+
+
+# The smallest real training run the tests use: a two-block scratch CNN on 32-px images.
+TINY_MODEL = [
+    "model.name=scratch_cnn",
+    "model.pretrained=none",
+    "model.scratch.blocks=2",
+    "model.scratch.width=8",
+    "data.image_size=32",
+    "train.batch_size=8",
+]

@@ -25,12 +25,7 @@ from imgclf.sweep.spec import load_sweep, sweep_folder, validate_sweep
 import factory as fx
 
 TINY = [
-    "model.name=scratch_cnn",
-    "model.pretrained=none",
-    "model.scratch.blocks=2",
-    "model.scratch.width=8",
-    "data.image_size=32",
-    "train.batch_size=8",
+    *fx.TINY_MODEL,
     "train.stages=[{epochs: 2, lr: 0.01}]",
     "tracking.mlflow=false",
 ]

@@ -26,12 +26,7 @@ from postgres import postgres_server
 import factory as fx
 
 TINY = [
-    "model.name=scratch_cnn",
-    "model.pretrained=none",
-    "model.scratch.blocks=2",
-    "model.scratch.width=8",
-    "data.image_size=32",
-    "train.batch_size=8",
+    *fx.TINY_MODEL,
     "tracking.mlflow=false",
 ]
 

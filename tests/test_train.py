@@ -22,12 +22,7 @@ from imgclf.train.run import train
 import factory as fx
 
 TINY = [
-    "model.name=scratch_cnn",
-    "model.pretrained=none",
-    "model.scratch.blocks=2",
-    "model.scratch.width=8",
-    "data.image_size=32",
-    "train.batch_size=8",
+    *fx.TINY_MODEL,
     "train.augment.preset=light",
     "data.split.train=0.6",
     "data.split.val=0.2",

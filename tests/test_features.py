@@ -69,3 +69,26 @@ def test_cache_keys_follow_what_the_features_depend_on(data, tmp_path):
     fx.write_png(data / "a" / "extra.png", size=(40, 40), seed=77)  # new data version
     _, lines = run(data, tmp_path, stage)
     assert len([ln for ln in lines if ln.startswith("caching")]) == 3
+
+
+def test_cached_head_training_follows_the_image_path(data, tmp_path):
+    """Without augmentation both paths see the same batches: same losses, same accuracy."""
+    import csv
+
+    stage = "train.stages=[{trainable: head, epochs: 3, lr: 0.05}]"
+    rows = {}
+    for features in ("cache", "none"):
+        path, _ = run(
+            data,
+            tmp_path,
+            stage,
+            "train.augment={preset: none}",
+            f"train.features={features}",
+            "model.head.dropout=0.0",
+        )
+        with open(path / "metrics.csv") as f:
+            rows[features] = list(csv.DictReader(f))
+    for a, b in zip(rows["cache"], rows["none"], strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4), key
+        assert a["val_accuracy"] == b["val_accuracy"]

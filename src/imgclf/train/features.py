@@ -179,7 +179,7 @@ class StageFeatures:
         return FeatureSet(*(torch.from_numpy(np.array(a)) for a in (found.x, found.y, found.ok)))
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return -(-int(self.train_views[0].ok.sum()) // batch_size)
+        return len(batches(torch.arange(len(self.train_views[0].ok)), batch_size))
 
 
 def train_head_epoch(
@@ -190,18 +190,22 @@ def train_head_epoch(
     schedule,
     *,
     batch_size: int,
-    generator: torch.Generator,
+    order: torch.Tensor,
     device,
     grad_clip: float | None = None,
 ) -> dict:
-    """One epoch of head training on cached features: the same optimizer and schedule."""
-    keep = torch.nonzero(fs.ok).flatten()
-    order = keep[torch.randperm(len(keep), generator=generator)]
+    """One epoch of head training on cached features: the same optimizer and schedule.
+
+    `order` is the image loader's sample order for this epoch (its EpochSampler), and a ragged
+    last batch is dropped as the loader drops it: the same batches, features instead of images.
+    """
     x_all, y_all = fs.x, fs.y
-    loss_sum, correct = torch.zeros(()), torch.zeros(())
+    loss_sum, correct, seen = torch.zeros(()), torch.zeros(()), 0
     head.train()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in batches(order, batch_size):
+        idx = idx[fs.ok[idx]]  # images that failed to load are skipped, as in the loader
+        if not len(idx):
+            continue
         x, y = x_all[idx].to(device), y_all[idx].to(device)
         logits = head.classify(x)
         loss = loss_fn(logits, y)
@@ -213,12 +217,16 @@ def train_head_epoch(
         schedule.step_batch()
         loss_sum += loss.detach().cpu() * len(idx)
         correct += (logits.detach().argmax(1) == y).sum().cpu()
-    n = max(len(order), 1)
-    return {
-        "train_loss": loss_sum.item() / n,
-        "train_accuracy": correct.item() / n,
-        "seen": len(order),
-    }
+        seen += len(idx)
+    n = max(seen, 1)
+    return {"train_loss": loss_sum.item() / n, "train_accuracy": correct.item() / n, "seen": seen}
+
+
+def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Consecutive batches of `order`, the ragged last one dropped when there is more than one."""
+    n = len(order)
+    full = n // batch_size if n > batch_size else 1
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(full)]
 
 
 @torch.inference_mode()

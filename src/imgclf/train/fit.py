@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from imgclf.config import StageConfig, TrainConfig
@@ -50,7 +49,6 @@ class FitContext:
     # Called with each epoch's metrics row; raising Pruned ends the run (a sweep's pruner).
     on_epoch: Callable[[dict], None] | None = None
     features: StageFeatures | None = None  # set when train.features is "cache"
-    seed: int = 0
 
 
 class Pruned(Exception):
@@ -191,7 +189,7 @@ def _one_cached_epoch(ctx: FitContext, state: FitState, stage, optimizer, schedu
     """A head-only epoch on cached features: view e mod K for training, the eval view for val."""
     feats = ctx.features
     set_train_mode(ctx.raw_model, True, stage.bn)
-    g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + state.global_epoch)
+    ctx.sampler.set_epoch(state.global_epoch)  # the image loader's order for this epoch
     t0 = time.perf_counter()
     view = feats.train_views[state.global_epoch % len(feats.train_views)]
     train = train_head_epoch(
@@ -201,7 +199,7 @@ def _one_cached_epoch(ctx: FitContext, state: FitState, stage, optimizer, schedu
         optimizer,
         schedule,
         batch_size=ctx.cfg.batch_size,
-        generator=g,
+        order=ctx.sampler.order()[:, 0],
         device=ctx.fabric.device,
         grad_clip=ctx.cfg.grad_clip,
     )

@@ -127,7 +127,6 @@ def _fit_and_finish(
         log=log,
         on_epoch=on_epoch,
         features=_stage_features(cfg, pre, identity["data"]),
-        seed=cfg.seed,
     )
     t0 = time.perf_counter()
     try:

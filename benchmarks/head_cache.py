@@ -61,8 +61,8 @@ def main() -> None:
     print(
         f"digits, efficientnet_lite0 (packaged, frozen) at {args.size}px, {args.epochs} epochs, CPU"
     )
-    # No augmentation: both paths see identical inputs, so accuracy must agree. With augmentation,
-    # (a) cycles through K cached views while (b) draws a fresh one every epoch.
+    # No augmentation: both paths see identical inputs and batches (the target's comparison).
+    # With augmentation, (a) cycles through K cached views while (b) draws a fresh one per epoch.
     for augment, views in (("none", 1), ("light", args.views)):
         tmp = Path(tempfile.mkdtemp(prefix="imgclf-head-cache-"))
         try:

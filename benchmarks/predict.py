@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
-from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
@@ -37,43 +33,7 @@ from imgclf.data.example import cache_dir
 from imgclf.models import build_model
 from imgclf.runs.record import RunDir
 
-
-def make_jpeg(job: tuple[Path, int, int, int]) -> None:
-    """A photo-like JPEG: smooth gradients, blocks and noise, different per seed."""
-    path, w, h, seed = job
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack(
-        [
-            127 + 100 * np.sin(xx * rng.uniform(0.002, 0.03) + yy * rng.uniform(0.002, 0.03) + c)
-            for c in range(3)
-        ],
-        axis=-1,
-    )
-    for _ in range(6):
-        x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
-        img[y0 : y0 + rng.integers(10, 120), x0 : x0 + rng.integers(10, 120)] = rng.uniform(
-            0, 255, 3
-        )
-    img += rng.normal(0, 10, img.shape)
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def dataset(folder: Path, n: int, w: int, h: int) -> Path:
-    """n JPEGs in 10 class folders (ImageFolder needs classes), made once."""
-    marker = folder.parent / f"{folder.name}.complete"
-    if marker.is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    jobs = []
-    for i in range(n):
-        cls = folder / f"class_{i % 10}"
-        cls.mkdir(parents=True, exist_ok=True)
-        jobs.append((cls / f"{i:05d}.jpg", w, h, i))
-    with ProcessPoolExecutor() as pool:
-        list(pool.map(make_jpeg, jobs, chunksize=32))
-    marker.write_text("ok\n")
-    return folder
+from photos import dataset
 
 
 def lite0_run(runs_dir: Path, size: int) -> Path:

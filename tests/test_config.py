@@ -69,3 +69,8 @@ def test_overrides_index_into_lists_of_defaults():
     assert cfg.train.stages[0].lr == 0.5 and cfg.train.stages[0].trainable == "head"
     with pytest.raises(ImgclfError, match="'3' is not an index of a 1-item list"):
         load_config(None, ["train.stages.3.lr=0.5"])
+
+
+def test_unknown_keys_inside_a_stage_suggest_the_nearest():
+    with pytest.raises(ImgclfError, match=r"did you mean train\.stages\.0\.epochs\?"):
+        load_config(None, ["train.stages=[{epoks: 2}]"])

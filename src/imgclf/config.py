@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -316,34 +317,50 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ImgclfError(f"invalid {source}:\n" + "\n".join(_explain(e))) from None
+        raise ImgclfError(f"invalid {source}:\n" + "\n".join(explain(e, RunConfig))) from None
 
 
-def _explain(err: ValidationError) -> list[str]:
+def explain(err: ValidationError, root: type[BaseModel]) -> list[str]:
+    """One line per problem; an unknown key gets the nearest valid key at its level."""
     lines = []
     for item in err.errors():
-        loc = [str(p) for p in item["loc"]]
-        dotted = ".".join(loc) or "(top level)"
+        loc = list(item["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            valid = _fields_at(loc[:-1])
-            near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {'.'.join([*loc[:-1], near[0]])}?" if near else ""
+            valid = fields_at(root, loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            prefix = "".join(f"{p}." for p in loc[:-1])
+            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
             lines.append(f"  {dotted}: unknown key{hint} (valid: {', '.join(valid)})")
         else:
-            lines.append(f"  {dotted}: {item['msg']} (got {item.get('input')!r})")
+            msg = item["msg"].removeprefix("Value error, ")
+            got = f" (got {_short(item.get('input'))})" if loc else ""
+            lines.append(f"  {dotted}: {msg}{got}")
     return lines
 
 
-def _fields_at(loc: list[str]) -> list[str]:
-    """Field names of the config model found by walking `loc` from RunConfig."""
-    model: type[BaseModel] = RunConfig
-    for name in loc:
-        field = model.model_fields.get(name)
-        ann = getattr(field, "annotation", None)
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def fields_at(root: type[BaseModel], loc: list[Any]) -> list[str]:
+    """Field names of the model reached by walking `loc` from `root` (list indices and free
+    dict keys step into the item type, so `train.stages.0.x` is checked against a stage)."""
+    ann: Any = root
+    for part in loc:
+        if typing.get_origin(ann) in (list, dict):
+            ann = typing.get_args(ann)[-1]
+            continue
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
-        model = ann
-    return list(model.model_fields)
+        field = ann.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+    while typing.get_origin(ann) in (list, dict):
+        ann = typing.get_args(ann)[-1]
+    return list(ann.model_fields) if isinstance(ann, type) and issubclass(ann, BaseModel) else []
 
 
 def resolve(cfg: RunConfig) -> dict[str, Any]:

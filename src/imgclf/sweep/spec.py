@@ -11,13 +11,13 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgclf.config import explain
 from imgclf.errors import ImgclfError
 
 METHODS = ("grid", "list", "random", "optuna")
@@ -240,51 +240,7 @@ def validate_sweep(raw: dict[str, Any], source: str = "sweep") -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as e:
-        raise ImgclfError(f"invalid {source}:\n" + "\n".join(_explain(e))) from None
-
-
-def _explain(err: ValidationError) -> list[str]:
-    lines = []
-    for item in err.errors():
-        loc = list(item["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            valid = _fields_at(loc[:-1])
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            prefix = ".".join(str(p) for p in loc[:-1])
-            hint = f"; did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near else ""
-            lines.append(f"  {dotted}: unknown key{hint} (valid: {', '.join(valid)})")
-        else:
-            msg = item["msg"].removeprefix("Value error, ")
-            got = f" (got {_short(item.get('input'))})" if loc else ""
-            lines.append(f"  {dotted}: {msg}{got}")
-    return lines
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _fields_at(loc: list[Any]) -> list[str]:
-    """Field names of the sweep model found by walking `loc` (dict keys and list indices too)."""
-    ann: Any = SweepConfig
-    for part in loc:
-        origin = typing.get_origin(ann)
-        if origin in (list, dict):  # an index or a free key: step into the item type
-            ann = typing.get_args(ann)[-1]
-            continue
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        field = ann.model_fields.get(str(part))
-        if field is None:
-            return []
-        ann = field.annotation
-    while typing.get_origin(ann) in (list, dict):
-        ann = typing.get_args(ann)[-1]
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return list(ann.model_fields)
-    return []
+        raise ImgclfError(f"invalid {source}:\n" + "\n".join(explain(e, SweepConfig))) from None
 
 
 SWEEPS_DIR = "sweeps"  # <runs_dir>/sweeps/<id>/: sweep.json, study.db, logs/, report.html

@@ -248,7 +248,3 @@ def default_cache_root() -> Path:
     from imgclf.data.example import cache_dir
 
     return cache_dir() / "features"
-
-
-def describe_preprocessing(pre, augment: dict, image_size: int) -> dict:
-    return {"preprocessing": pre.to_dict(), "augment": augment, "image_size": image_size}

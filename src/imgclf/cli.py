@@ -81,11 +81,14 @@ def train(
 ) -> None:
     """Train one run into runs/<run-id>/ (or continue one with --resume RUN)."""
     from imgclf.config import load_config
+    from imgclf.train.distributed import world_from_env
     from imgclf.train.run import train as run_training
 
     config, overrides = _split_config_arg(config, overrides)
     cfg = load_config(config, overrides) if (config or overrides or not resume) else None
     path = run_training(cfg, resume=resume, force=force, progress=progress, log=console.print)
+    if not world_from_env().is_zero:
+        return  # under torchrun rank 0 reports for every rank
     console.print(f"run folder: {path}")
     status = json.loads((path / "summary.json").read_text())["status"]
     if status == "interrupted":

@@ -203,7 +203,7 @@ class EarlyStopping(_Strict):
 
 
 class TrainConfig(_Strict):
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="the global batch: all processes together")
     eval_batch_size: int | None = Field(None, ge=1)
     workers: int = Field(0, ge=0, description="DataLoader worker processes")
     augment: AugmentConfig = AugmentConfig()
@@ -228,6 +228,9 @@ class TrainConfig(_Strict):
     feature_cache: Path | None = Field(None, description="None: $IMGCLF_CACHE/features")
     checkpoint_every: int | None = Field(
         None, ge=1, description="also save a resumable checkpoint every N batches mid-epoch"
+    )
+    sync_bn: bool = Field(
+        False, description="under torchrun on GPUs: BatchNorm statistics over the global batch"
     )
 
 

@@ -67,6 +67,19 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     )
 
 
+def is_temp_name(name: str) -> bool:
+    """The name `atomic_write` gives its temporary files: `.<final name>.<random>.tmp`."""
+    return name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3
+
+
+def remove_temps(folder: Path) -> list[Path]:
+    """Delete what killed writers left under `folder` (its owner must hold it exclusively)."""
+    found = [p for p in Path(folder).rglob(".*.tmp") if p.is_file() and is_temp_name(p.name)]
+    for p in found:
+        _remove_quietly(str(p))
+    return found
+
+
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -64,14 +64,24 @@ class ManifestDataset(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A seeded permutation (or class-balanced draw) per epoch, resumable at any position."""
+    """A seeded permutation (or class-balanced draw) per epoch, resumable at any position.
+
+    Under several processes (`shard`) each global batch of the epoch's order is split between
+    the ranks by stride, so the ranks together see exactly the batches one process would, and
+    only whole global batches are used (every rank takes the same number of steps).
+    """
 
     def __init__(self, n: int, seed: int, weights: Sequence[float] | None = None) -> None:
         self.n, self.seed = n, seed
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
         self.epoch, self.start = 0, 0
+        self.rank, self.world, self.global_batch = 0, 1, 1
+
+    def shard(self, rank: int, world: int, global_batch: int) -> None:
+        self.rank, self.world, self.global_batch = rank, world, global_batch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """`start`: position in the global order (batches done × global batch)."""
         self.epoch, self.start = epoch, start
 
     def order(self) -> torch.Tensor:
@@ -83,11 +93,21 @@ class EpochSampler(Sampler):
         seeds = torch.randint(0, 2**62, (self.n,), generator=g)
         return torch.stack([idx, seeds], 1)
 
+    def _mine(self) -> torch.Tensor:
+        rest = self.order()[self.start :]
+        if self.world == 1:
+            return rest
+        whole = len(rest) // self.global_batch * self.global_batch
+        return rest[:whole][self.rank :: self.world]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        yield from (tuple(pair) for pair in self.order()[self.start :].tolist())
+        yield from (tuple(pair) for pair in self._mine().tolist())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        rest = self.n - self.start
+        if self.world == 1:
+            return rest
+        return rest // self.global_batch * self.global_batch // self.world
 
 
 def balanced_weights(targets: Sequence[int], num_classes: int) -> list[float]:

@@ -26,11 +26,17 @@ def split_and_save(
     return result, report
 
 
-def prepare(cfg: DataConfig, *, progress: bool = True) -> tuple[Manifest, Path]:
-    """The manifest a run trains on: read it, or scan `data.root`; split it when it has none."""
+def prepare(
+    cfg: DataConfig, *, progress: bool = True, read_only: bool = False
+) -> tuple[Manifest, Path]:
+    """The manifest a run trains on: read it, or scan `data.root`; split it when it has none.
+
+    `read_only`: only read what another process (rank 0 of a multi-process run) prepared.
+    """
     if cfg.root is not None:  # re-scan: incremental, so cheap, and it catches changed files
         manifest_dir = cfg.manifest or default_manifest_dir(cfg.root)
-        scan_to(cfg.root, manifest_dir, cfg.scan, progress=progress)
+        if not read_only:
+            scan_to(cfg.root, manifest_dir, cfg.scan, progress=progress)
     elif cfg.manifest and (cfg.manifest / MANIFEST_JSON).is_file():
         manifest_dir = cfg.manifest
     else:
@@ -38,5 +44,7 @@ def prepare(cfg: DataConfig, *, progress: bool = True) -> tuple[Manifest, Path]:
     manifest = read_manifest(manifest_dir)
     manifest.require_usable(manifest_dir)
     if not manifest.has_split:
+        if read_only:
+            raise ImgclfError(f"{manifest_dir} has no split yet (rank 0 should have written it)")
         manifest, _ = split_and_save(manifest_dir, cfg.split)
     return manifest, manifest_dir

@@ -7,7 +7,9 @@ atomically; `model.json` + `model.safetensors` rebuild the predictor with no con
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -18,6 +20,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +60,9 @@ def new_run_id(model_name: str, name: str | None = None) -> str:
 @dataclass
 class RunDir:
     path: Path
+    # False on every rank but 0 of a multi-process run: its writes are skipped, so one process
+    # alone owns the folder whatever code path reaches a write.
+    writer: bool = True
 
     @classmethod
     def create(cls, runs_dir: Path, run_id: str) -> RunDir:
@@ -82,8 +88,36 @@ class RunDir:
     def id(self) -> str:
         return self.path.name
 
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Held while a process trains into this folder: a second `--resume` of the same run
+        is refused instead of two writers interleaving checkpoints. The kernel drops the lock
+        when its process dies, even by SIGKILL."""
+        if not self.writer:
+            yield
+            return
+        with open(self.path / ".lock", "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "another process"
+                raise ImgclfError(
+                    f"{self.path} is being trained by {owner}; wait for it to finish "
+                    "(or stop it) before resuming"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {platform.node()}")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_json(self.path / name, obj)
+        if self.writer:
+            atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str) -> dict:
         try:
@@ -92,11 +126,12 @@ class RunDir:
             raise ImgclfError(f"cannot read {self.path / name}: {e}") from e
 
     def write_config(self, yaml_text: str) -> None:
-        atomic_write_text(self.path / CONFIG_YAML, yaml_text)
+        if self.writer:
+            atomic_write_text(self.path / CONFIG_YAML, yaml_text)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """The whole table each epoch: small, and never a half-appended line."""
-        if not rows:
+        if not rows or not self.writer:
             return
         cols = list(dict.fromkeys(k for r in rows for k in r))
         buf = io.StringIO()
@@ -106,6 +141,8 @@ class RunDir:
         atomic_write_text(self.path / METRICS_CSV, buf.getvalue())
 
     def write_weights(self, state_dict: dict[str, torch.Tensor], name: str = MODEL_WEIGHTS) -> None:
+        if not self.writer:
+            return
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         atomic_write_bytes(self.path / name, save_safetensors(tensors))
 

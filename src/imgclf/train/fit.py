@@ -19,10 +19,17 @@ from imgclf.models import (
     param_groups,
     set_train_mode,
 )
-from imgclf.runs.checkpoint import rng_state, save_checkpoint, set_rng_state
+from imgclf.runs.checkpoint import load_state_strict, rng_state, save_checkpoint, set_rng_state
 from imgclf.runs.record import RunDir
+from imgclf.train.distributed import gather_objects
 from imgclf.train.features import StageFeatures, head_probs, labels_of, train_head_epoch
-from imgclf.train.loop import EpochState, StopFlag, classification_metrics, predict_loader
+from imgclf.train.loop import (
+    EpochState,
+    StopFlag,
+    classification_metrics,
+    predict_loader,
+    worker_deaths,
+)
 from imgclf.train.loop import train_one_epoch as run_epoch
 from imgclf.train.optim import Schedule, build_optimizer
 
@@ -33,7 +40,6 @@ class FitContext:
 
     fabric: Any
     raw_model: nn.Module  # the module itself: state_dict, freezing
-    model: nn.Module  # the fabric-wrapped module: forward / backward
     train_loader: Any
     sampler: Any
     val_loader: Any
@@ -41,6 +47,9 @@ class FitContext:
     cfg: TrainConfig
     run: RunDir
     identity: dict[str, Any]  # config and data hashes, labels: saved in every checkpoint
+    # The fabric-wrapped module for forward / backward, wrapped again by each stage: DDP
+    # registers the parameters that require gradients when it wraps.
+    model: nn.Module | None = None
     mixer: Callable | None = None
     channels_last: bool = False
     stop: StopFlag = field(default_factory=StopFlag)
@@ -96,6 +105,8 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
         f"stage {stage.name or ''}: trainable={stage.trainable} "
         f"({summary['trainable']:,} trainable / {summary['frozen']:,} frozen parameters)"
     )
+    ctx.model = None  # the previous stage's DDP wrapper and its gradient hooks go first
+    ctx.model = ctx.fabric.setup_module(ctx.raw_model)
     optimizer = build_optimizer(param_groups(ctx.raw_model, stage), stage, ctx.fabric.device.type)
     optimizer = ctx.fabric.setup_optimizers(optimizer)
     if _uses_cache(ctx, stage):
@@ -133,34 +144,37 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
                 len(ctx.train_loader),
             )
 
-    epoch_state = run_epoch(
-        ctx.fabric,
-        ctx.model,
-        ctx.train_loader,
-        ctx.loss_fn,
-        optimizer,
-        schedule,
-        state=epoch_state,
-        accumulate=cfg.accumulate,
-        grad_clip=cfg.grad_clip,
-        mixer=ctx.mixer,
-        channels_last=ctx.channels_last,
-        stop=ctx.stop,
-        on_step=step,
-        checkpoint_every=cfg.checkpoint_every,
-        on_checkpoint=checkpoint,
-        max_bad=cfg.max_bad_images,
-        sync_every=1 if ctx.fabric.device.type == "cpu" else 25,
-    )
+    with worker_deaths():
+        epoch_state = run_epoch(
+            ctx.fabric,
+            ctx.model,
+            ctx.train_loader,
+            ctx.loss_fn,
+            optimizer,
+            schedule,
+            state=epoch_state,
+            accumulate=cfg.accumulate,
+            grad_clip=cfg.grad_clip,
+            mixer=ctx.mixer,
+            channels_last=ctx.channels_last,
+            stop=ctx.stop,
+            on_step=step,
+            checkpoint_every=cfg.checkpoint_every,
+            on_checkpoint=checkpoint,
+            max_bad=cfg.max_bad_images,
+            sync_every=1 if ctx.fabric.device.type == "cpu" else 25,
+        )
     if ctx.stop.requested and epoch_state.batches < len(ctx.train_loader):
         state.epoch_state, state.status = asdict(epoch_state), "interrupted"
         _save(ctx, state, optimizer, schedule)
         return False
-    val = predict_loader(ctx.fabric, ctx.model, ctx.val_loader, channels_last=ctx.channels_last)
-    metrics = {
-        **epoch_state.metrics(),
-        **classification_metrics(val["probs"], val["targets"], "val"),
-    }
+    with worker_deaths():
+        val = predict_loader(ctx.fabric, ctx.model, ctx.val_loader, channels_last=ctx.channels_last)
+    # Rank 0's validation decides for every rank (per-rank BatchNorm statistics may differ).
+    val_metrics = ctx.fabric.broadcast(
+        classification_metrics(val["probs"], val["targets"], "val"), src=0
+    )
+    metrics = {**epoch_state.metrics(), **val_metrics}
     extra = {
         "bad_images": len(epoch_state.bad),
         "seconds": round(epoch_state.seconds, 3),
@@ -294,6 +308,9 @@ def _should_stop_early(cfg: TrainConfig, state: FitState) -> bool:
 
 
 def _save(ctx: FitContext, state: FitState, optimizer, schedule) -> None:
+    rngs = gather_objects(ctx.fabric, rng_state())  # every rank's streams; rank 0 writes
+    if not ctx.fabric.is_global_zero:
+        return
     save_checkpoint(
         ctx.run.path,
         {
@@ -303,16 +320,25 @@ def _save(ctx: FitContext, state: FitState, optimizer, schedule) -> None:
             # the fp16 grad scaler (empty for fp32 and bf16)
             "precision": ctx.fabric.strategy.precision.state_dict(),
             "fit": asdict(state),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs,
             "identity": ctx.identity,
         },
     )
 
 
-def restore(checkpoint: dict, raw_model: nn.Module) -> FitState:
+def restore(
+    checkpoint: dict, raw_model: nn.Module, source, rank: int = 0, world: int = 1, log=print
+) -> FitState:
     """Weights and RNG from a checkpoint; optimizer and schedule are restored by `fit`."""
-    raw_model.load_state_dict(checkpoint["model"])
-    set_rng_state(checkpoint["rng"])
+    load_state_strict(raw_model, checkpoint["model"], source)
+    rngs = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+    if len(rngs) != world:
+        log(
+            f"resuming on {world} process(es) a run saved by {len(rngs)}: the same batches, "
+            "but random draws (dropout, MixUp) differ from an uninterrupted run"
+        )
+    set_rng_state(rngs[rank] if len(rngs) == world else checkpoint["rng"])
     return FitState(**checkpoint["fit"])
 
 

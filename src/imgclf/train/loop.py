@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,11 +24,36 @@ class Diverged(ImgclfError):
     """The loss became NaN or infinite."""
 
 
+@contextmanager
+def worker_deaths() -> Iterator[None]:
+    """A DataLoader worker killed mid-epoch (most often by the kernel's out-of-memory killer)
+    surfaces as torch's RuntimeError; say what it means and what to do (BAD_INPUTS F10)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise ImgclfError(
+            f"a data-loading worker process died ({str(e).splitlines()[0]}); this is usually "
+            "the system running out of memory: lower train.workers or train.batch_size, then "
+            "continue from the last checkpoint with imgclf train --resume RUN_FOLDER"
+        ) from e
+
+
 @dataclass
 class StopFlag:
-    """Set by the first Ctrl-C: the loop finishes its step, the caller saves and exits."""
+    """Set by the first Ctrl-C (or SIGTERM): the loop finishes its step, the caller saves and
+    exits. Under several processes a request is only `pending` on the rank that saw it until
+    the next metric all-reduce makes it `requested` on every rank at the same step."""
 
     requested: bool = False
+    pending: bool = False
+    shared: bool = False  # True under several processes: wait for the all-reduce
+
+    def request(self) -> None:
+        self.pending = True
+        if not self.shared:
+            self.requested = True
 
 
 @dataclass
@@ -66,10 +92,14 @@ def train_one_epoch(
     max_bad: int = 100,
     sync_every: int = 1,
 ) -> EpochState:
-    """Train over `loader` from `state` on; returns the updated state (stopped early if asked)."""
+    """Train over `loader` from `state` on; returns the updated state (stopped early if asked).
+
+    Under several processes `state` holds the sums over every rank: each sync all-reduces them.
+    """
     device = fabric.device
-    loss_acc = torch.zeros((), device=device)
-    correct_acc = torch.zeros((), device=device)
+    # Running sums on the device: loss × n, correct, n, and a stop request (summed over ranks).
+    acc = torch.zeros(4, device=device, dtype=torch.float64 if device.type == "cpu" else None)
+    stop = stop or StopFlag()
     t0 = time.perf_counter() - state.seconds
     for batch in loader:
         state.bad.extend(b.reason for b in batch["bad"])
@@ -99,40 +129,44 @@ def train_one_epoch(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step_batch()
-        n = y.shape[0]
-        loss_acc += loss.detach().float() * n
-        correct_acc += (logits.detach().argmax(1) == y).sum()
-        state.seen += n
+        acc[0] += loss.detach().float() * y.shape[0]
+        acc[1] += (logits.detach().argmax(1) == y).sum()
+        acc[2] += y.shape[0]
         if state.batches % sync_every == 0:
-            _sync(state, loss_acc, correct_acc)
+            _sync(fabric, state, acc, stop)
             state.seconds = time.perf_counter() - t0
             if on_step:
                 on_step(state)
         if is_step and checkpoint_every and state.batches % checkpoint_every == 0 and on_checkpoint:
-            _sync(state, loss_acc, correct_acc)
+            _sync(fabric, state, acc, stop)
             state.seconds = time.perf_counter() - t0
             on_checkpoint(state)
-        if stop is not None and stop.requested and is_step:
+        if stop.requested and is_step:
             break
     else:
         if state.batches % accumulate:  # the epoch's last, partial accumulation still counts
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step_batch()
-    _sync(state, loss_acc, correct_acc)
+    _sync(fabric, state, acc, stop)
     state.seconds = time.perf_counter() - t0
     return state
 
 
-def _sync(state: EpochState, loss_acc: torch.Tensor, correct_acc: torch.Tensor) -> None:
-    """Move the device sums into the state (one host sync) and check for divergence."""
-    loss_sum = loss_acc.item()
+def _sync(fabric, state: EpochState, acc: torch.Tensor, stop: StopFlag) -> None:
+    """Sum the device counters over ranks, move them into the state (one host sync), agree on
+    a stop request and check for divergence. Every rank calls this at the same batches."""
+    acc[3] = float(stop.pending)
+    total = fabric.all_reduce(acc, reduce_op="sum") if fabric.world_size > 1 else acc
+    loss_sum, correct, seen, stops = total.tolist()
     if not math.isfinite(loss_sum):
         raise Diverged(f"training loss became {loss_sum} after {state.batches} batches")
     state.loss_sum += loss_sum
-    state.correct += correct_acc.item()
-    loss_acc.zero_()
-    correct_acc.zero_()
+    state.correct += correct
+    state.seen += int(seen)
+    if stops:
+        stop.requested = True
+    acc.zero_()
 
 
 @torch.inference_mode()

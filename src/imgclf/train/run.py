@@ -23,6 +23,7 @@ from imgclf.data.manifest import Manifest
 from imgclf.data.prepare import prepare
 from imgclf.data.transforms import eval_transform, resolve_augment, train_transform
 from imgclf.errors import ImgclfError
+from imgclf.io import remove_temps
 from imgclf.models import build_model, count_parameters, model_size_mb
 from imgclf.runs.checkpoint import CHECKPOINT, load_checkpoint, load_state_strict, load_weights
 from imgclf.runs.record import (
@@ -34,6 +35,7 @@ from imgclf.runs.record import (
     environment,
     new_run_id,
 )
+from imgclf.train.distributed import World, check_config, make_fabric, world_from_env
 from imgclf.train.features import FeatureCache, StageFeatures, default_cache_root
 from imgclf.train.finalize import finalize
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
@@ -56,7 +58,13 @@ def train(
     log=print,
     on_epoch=None,
 ) -> Path:
-    """Train one run (or resume one); returns the run folder."""
+    """Train one run (or resume one); returns the run folder.
+
+    Under torchrun every rank calls this; see `train/distributed.py` for who writes what.
+    """
+    world = world_from_env()
+    if not world.is_zero:
+        progress, log = False, _silent
     checkpoint = None
     if resume is not None:
         run = RunDir.open(resume)
@@ -70,8 +78,11 @@ def train(
         cfg = saved if cfg is None or not force else cfg
         checkpoint = load_checkpoint(run.path / CHECKPOINT)
     assert cfg is not None
-    seed_everything(cfg.seed)
-    manifest, manifest_dir = prepare(cfg.data, progress=progress)
+    check_config(cfg, world)
+    fabric = make_fabric(cfg, world, _precision(cfg))
+    manifest, manifest_dir = _prepare_data(cfg, fabric, progress)
+    # After the data (rank 0 alone scans): every rank's generators start from the same point.
+    seed_everything(cfg.seed + world.rank)
     labels = list(manifest.labels.names)
     model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
     if cfg.model.init_from:
@@ -83,24 +94,39 @@ def train(
         "spec": model.spec,
     }
     if checkpoint is None:
-        run = RunDir.create(cfg.runs_dir, new_run_id(cfg.model.name, cfg.name))
-        _write_run_header(run, cfg, manifest, manifest_dir, pre, model, identity)
+        run = None
+        if world.is_zero:
+            run = RunDir.create(cfg.runs_dir, new_run_id(cfg.model.name, cfg.name))
+            _write_run_header(run, cfg, manifest, manifest_dir, pre, model, identity, world)
+        path = fabric.broadcast(str(run.path) if run else None, src=0)
+        run = run or RunDir(Path(path), writer=False)
         state = FitState()
     else:
         _check_identity(run.path, checkpoint["identity"], identity, force)
-        state = restore(checkpoint, model)
+        run.writer = world.is_zero
+        state = restore(checkpoint, model, run.path / CHECKPOINT, world.rank, world.size, log)
         log(f"resuming {run.id} at stage {state.stage}, epoch {state.epoch}")
     return _fit_and_finish(
-        on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+        fabric, on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
     )
 
 
-def _fit_and_finish(
-    on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
-):
-    from lightning.fabric import Fabric
+def _silent(*_args, **_kwargs) -> None:
+    return None
 
-    fabric = Fabric(accelerator=cfg.train.accelerator, devices=1, precision=_precision(cfg))
+
+def _prepare_data(cfg: RunConfig, fabric, progress: bool):
+    """Rank 0 scans and splits; the others wait for it, then read its manifest."""
+    if fabric.world_size == 1:
+        return prepare(cfg.data, progress=progress)
+    result = prepare(cfg.data, progress=progress) if fabric.is_global_zero else None
+    fabric.barrier("manifest")
+    return result or prepare(cfg.data, read_only=True)
+
+
+def _fit_and_finish(
+    fabric, on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+):
     channels_last = (
         cfg.train.channels_last
         if cfg.train.channels_last is not None
@@ -108,13 +134,15 @@ def _fit_and_finish(
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    wrapped = fabric.setup_module(model)
-    train_loader, sampler, val_loader = build_loaders(cfg, manifest, pre)
+    if cfg.train.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_loader, sampler, val_loader = build_loaders(
+        cfg, manifest, pre, rank=fabric.global_rank, world=fabric.world_size
+    )
     counts = np.bincount(train_loader.dataset.targets, minlength=len(manifest.labels)).tolist()
     ctx = FitContext(
         fabric=fabric,
         raw_model=model,
-        model=wrapped,
         train_loader=train_loader,
         sampler=sampler,
         val_loader=val_loader,
@@ -124,11 +152,34 @@ def _fit_and_finish(
         identity=identity,
         mixer=batch_mixer(cfg.train, len(manifest.labels)),
         channels_last=channels_last,
+        stop=StopFlag(shared=fabric.world_size > 1),
         log=log,
         on_epoch=on_epoch,
         features=_stage_features(cfg, pre, identity["data"]),
     )
+    with run.lock():
+        if checkpoint is not None and run.writer:
+            stale = remove_temps(run.path)  # what a killed writer left; the lock makes it ours
+            if stale:
+                log(f"removed {len(stale)} temporary file(s) left by the interrupted process")
+        return _fit_guarded(ctx, cfg, run, manifest, state, checkpoint, progress, log)
+
+
+def _fit_guarded(ctx: FitContext, cfg, run: RunDir, manifest, state, checkpoint, progress, log):
+    """`fit` with every way out recorded: completed, interrupted, pruned, diverged, failed."""
     t0 = time.perf_counter()
+
+    def finish(error: str | None = None) -> None:
+        if not ctx.fabric.is_global_zero:  # predictions, plots, summary, MLflow: rank 0's job
+            return
+        if error is None:
+            finalize(run, cfg, manifest, state, time.perf_counter() - t0, log)
+            return
+        try:
+            finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=error)
+        except Exception as e:  # e.g. the disk that failed the run is still full
+            log(f"could not record the failure in {run.path}: {e}")
+
     try:
         with _interruptible(ctx.stop, log), _progress(ctx, progress):
             state = fit(ctx, state, resume=checkpoint)
@@ -138,17 +189,17 @@ def _fit_and_finish(
         raise
     except Pruned as e:
         state.status = "pruned"
-        finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e) or None)
+        finish(str(e) or None)
         raise
     except Diverged as e:
         state.status = "diverged"
-        finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e))
+        finish(str(e))
         raise
     except Exception as e:
         state.status = "failed"
-        finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=str(e))
+        finish(str(e))
         raise
-    finalize(run, cfg, manifest, state, time.perf_counter() - t0, log)
+    finish()
     return run.path
 
 
@@ -173,8 +224,12 @@ def _precision(cfg: RunConfig) -> str:
     return "32-true"
 
 
-def build_loaders(cfg: RunConfig, manifest: Manifest, pre):
-    """Train loader (with its resumable sampler) and validation loader for a manifest."""
+def build_loaders(cfg: RunConfig, manifest: Manifest, pre, *, rank: int = 0, world: int = 1):
+    """Train loader (with its resumable sampler) and validation loader for a manifest.
+
+    Under `world` processes each rank loads its share of every global batch and the whole
+    validation set (every rank validates the same weights; rank 0's metrics are used).
+    """
     size, t = pre.input_size, cfg.train
     train_tf = train_transform(t.augment, size, pre.mean, pre.std, pre.interpolation)
     eval_tf = eval_transform(size, pre.mean, pre.std, pre.interpolation, pre.crop_pct)
@@ -199,26 +254,38 @@ def build_loaders(cfg: RunConfig, manifest: Manifest, pre):
         else None
     )
     sampler = EpochSampler(len(train_ds), cfg.seed, weights)
+    if world > 1:
+        if len(train_ds) < t.batch_size:
+            raise ImgclfError(
+                f"{len(train_ds)} training images are fewer than one global batch "
+                f"(train.batch_size={t.batch_size}); lower the batch size"
+            )
+        sampler.shard(rank, world, t.batch_size)
     pin = torch.cuda.is_available()
     # A last batch of one or two images makes BatchNorm statistics meaningless: drop it.
     train_loader = make_loader(
         train_ds,
-        t.batch_size,
+        t.batch_size // world,
         workers=t.workers,
         sampler=sampler,
         pin_memory=pin,
         drop_last=len(train_ds) > t.batch_size,
     )
     val_loader = make_loader(
-        val_ds, t.eval_batch_size or t.batch_size, workers=t.workers, pin_memory=pin
+        val_ds, (t.eval_batch_size or t.batch_size) // world, workers=t.workers, pin_memory=pin
     )
     return train_loader, sampler, val_loader
 
 
-def _write_run_header(run: RunDir, cfg, manifest: Manifest, manifest_dir, pre, model, identity):
+def _write_run_header(
+    run: RunDir, cfg, manifest: Manifest, manifest_dir, pre, model, identity, world: World
+):
     run.write_config(dump_yaml(cfg))
     device = "cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu"
-    run.write_json("environment.json", environment(cfg.seed, device))
+    run.write_json(
+        "environment.json",
+        {**environment(cfg.seed, device), "processes": world.size, "nodes": world.nodes},
+    )
     split = manifest.report.get("split", {})
     run.write_json(
         "data.json",
@@ -286,15 +353,20 @@ def _interruptible(stop: StopFlag, log):
     """First Ctrl-C: finish the step, save, exit with a status. Second: stop at once."""
     previous = signal.getsignal(signal.SIGINT)
 
+    previous_term = signal.getsignal(signal.SIGTERM)
+
     def handler(signum, frame):
-        if stop.requested:
+        if stop.pending:
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
-        stop.requested = True
+        stop.request()
         log("interrupt: finishing this step and saving (Ctrl-C again to stop at once)")
 
     try:
         signal.signal(signal.SIGINT, handler)
+        # SIGTERM (a scheduler's preemption notice, torchrun passing on a stop) saves the same
+        # way; a second one stops at once like a second Ctrl-C.
+        signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: no signal handling
         yield
         return
@@ -302,6 +374,7 @@ def _interruptible(stop: StopFlag, log):
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""BAD_INPUTS F4–F6 for training: Ctrl-C once and twice, checkpoints that must be refused,
-resuming against changed data."""
+"""BAD_INPUTS F4–F6 and F8 for training: Ctrl-C once and twice, SIGTERM, checkpoints that must
+be refused (including another architecture's), resuming against changed data, and a second
+process resuming a run that is still training."""
 
 import json
 import os
@@ -15,6 +16,7 @@ from imgclf.config import load_config
 from imgclf.errors import ImgclfError
 from imgclf.predict.predictor import Predictor
 from imgclf.runs.checkpoint import load_checkpoint
+from imgclf.runs.record import RunDir
 from imgclf.train.run import train
 from test_train import TINY, cfg_for, metrics_without_time, same_weights
 
@@ -65,6 +67,30 @@ def test_ctrl_c_once_saves_and_resume_matches_an_uninterrupted_run(slow_data, tm
     assert r.returncode == 0, r.stderr
     assert metrics_without_time(run) == metrics_without_time(ref)
     assert same_weights(run, ref)
+
+
+def test_sigterm_saves_like_ctrl_c(slow_data, tmp_path):
+    """A scheduler's preemption notice (SLURM, Kubernetes, torchrun passing a stop on)."""
+    args = [*TINY, STAGES, f"data.root={slow_data}", f"data.manifest={tmp_path / 'm'}"]
+    runs = tmp_path / "runs"
+    proc = start_training([*args, "train.checkpoint_every=1"], runs)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    run = next(runs.iterdir())
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["fit"]["status"] == "interrupted"
+
+
+def test_a_run_still_training_cannot_be_resumed_by_a_second_process(tmp_path):
+    data = fx.make_class_folder(
+        tmp_path / "d", classes=("a", "b", "c"), per_class=10, size=(40, 40)
+    )
+    run = train(cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]"), progress=False, log=quiet)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    with RunDir(run).lock(), pytest.raises(ImgclfError, match="is being trained by pid"):
+        train(None, resume=run, progress=False, log=quiet)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
 def test_ctrl_c_twice_stops_without_corrupting_the_run(slow_data, tmp_path):
@@ -122,6 +148,13 @@ def test_checkpoints_that_must_be_refused(tmp_path):
     (run / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(ImgclfError, match=r"model\.safetensors does not fit this architecture"):
         Predictor.from_run(run)
+
+    # Another architecture's checkpoint: refused by its identity, and by name when forced.
+    ckpt.write_bytes((other / "checkpoints" / "last.pt").read_bytes())
+    with pytest.raises(ImgclfError, match="model architecture differs"):
+        train(None, resume=run, progress=False)
+    with pytest.raises(ImgclfError, match=r"last\.pt does not fit this architecture"):
+        train(None, resume=run, force=True, progress=False)
 
 
 def test_resume_after_the_data_changed_lists_the_difference(tmp_path):

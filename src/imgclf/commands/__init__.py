@@ -7,7 +7,7 @@ import importlib
 
 import typer
 
-AREAS = ("evaluate", "leaderboard", "predict", "serve", "sweep")
+AREAS = ("evaluate", "leaderboard", "predict", "serve", "sweep", "doctor")
 
 
 def register_all(app: typer.Typer) -> None:

@@ -5,7 +5,8 @@ images every epoch; with `train.features: cache` the pooled features are compute
 (backbone weights, preprocessing, pooling, data version, split, augmentation view) and kept as
 memory-mapped .npy files under a content-hashed key, shared by every run and sweep trial that
 asks for the same thing. K augmented views per training image (`train.feature_views`) keep
-augmentation in head training: epoch e trains on view e mod K.
+augmentation in head training: epoch e trains on view e mod K. Each entry's `meta.json` records
+the sha256 of its .npy files (`sha256`: {file: hex}) so `imgclf doctor` can verify it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from imgclf.data.loaders import ManifestDataset, make_loader
+from imgclf.io import file_sha256
 from imgclf.runs.checkpoint import digest
 
 FEATURE_FORMAT = 1
@@ -71,7 +73,8 @@ class FeatureCache:
         try:
             for name in ("x", "y", "ok"):
                 np.save(tmp / f"{name}.npy", getattr(fs, name))
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            files = {f"{n}.npy": file_sha256(tmp / f"{n}.npy") for n in ("x", "y", "ok")}
+            (tmp / "meta.json").write_text(json.dumps({**meta, "sha256": files}, indent=2))
             try:
                 os.replace(tmp, self.root / key)
             except OSError:  # another process cached the same key first: theirs is as good

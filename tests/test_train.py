@@ -268,3 +268,25 @@ def test_tensorboard_logs_on_request(data, tmp_path):
     run = train(cfg, progress=False, log=lambda *_: None)
     events = list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 100 for e in events)
+
+
+def test_train_compile_traces_the_model_and_saves_plain_weights(data, tmp_path, monkeypatch):
+    """train.compile wraps the model in torch.compile; weights and checkpoints stay the plain
+    module's (no `_orig_mod.` prefix), so the Predictor rebuilds the run as usual."""
+    from imgclf.predict.predictor import Predictor
+
+    compiled, real = [], torch.compile
+
+    def eager_compile(model, **kw):
+        # Dynamo traces the model for real; inductor's C++ build would take a minute on CPU.
+        compiled.append(model)
+        return real(model, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "train.compile=true")
+    run = train(cfg, progress=False, log=lambda *_: None)
+    # Fabric unwraps a compiled module and compiles it again around its own wrapper.
+    assert compiled and all(m is compiled[0] for m in compiled)
+    assert not [k for k in weights(run) if "_orig_mod" in k]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert Predictor.from_run(run).labels == ["a", "b", "c"]

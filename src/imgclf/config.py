@@ -229,6 +229,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(
         None, ge=1, description="also save a resumable checkpoint every N batches mid-epoch"
     )
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPUs)")
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over the global batch"
     )

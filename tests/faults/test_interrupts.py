@@ -43,7 +43,7 @@ def start_training(args, runs):
 def slow_data(tmp_path):
     """Enough batches per epoch that a signal lands mid-epoch."""
     return fx.make_class_folder(
-        tmp_path / "d", classes=("a", "b", "c"), per_class=25, size=(40, 40)
+        tmp_path / "d", classes=("a", "b", "c"), per_class=50, size=(40, 40)
     )
 
 
@@ -61,7 +61,13 @@ def test_ctrl_c_once_saves_and_resume_matches_an_uninterrupted_run(slow_data, tm
     run = next(runs.iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted"
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["fit"]["status"] == "interrupted"
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["fit"]["status"] == "interrupted"
+    # F7: everything an exact continuation needs, as plain values and tensors.
+    assert {"model", "optimizer", "schedule", "precision", "fit", "rng", "rng_ranks"} <= set(ckpt)
+    assert ckpt["optimizer"]["state"], "optimizer moments are saved"
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+    assert ckpt["fit"]["epoch_state"]["batches"] > 0, "the position inside the epoch is saved"
     resume = [sys.executable, "-m", "imgclf", "train", "--resume", str(run), "--no-progress"]
     r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -167,3 +173,6 @@ def test_resume_after_the_data_changed_lists_the_difference(tmp_path):
     with pytest.raises(ImgclfError, match="data version"):
         train(None, resume=run, progress=False)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before, "nothing was overwritten"
+    # Forced, it continues on the changed data (the user's explicit choice).
+    train(None, resume=run, force=True, progress=False, log=quiet)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

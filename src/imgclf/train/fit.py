@@ -50,6 +50,7 @@ class FitContext:
     # The fabric-wrapped module for forward / backward, wrapped again by each stage: DDP
     # registers the parameters that require gradients when it wraps.
     model: nn.Module | None = None
+    compiled: nn.Module | None = None  # torch.compile(raw_model) when train.compile is set
     mixer: Callable | None = None
     channels_last: bool = False
     stop: StopFlag = field(default_factory=StopFlag)
@@ -106,7 +107,8 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
         f"({summary['trainable']:,} trainable / {summary['frozen']:,} frozen parameters)"
     )
     ctx.model = None  # the previous stage's DDP wrapper and its gradient hooks go first
-    ctx.model = ctx.fabric.setup_module(ctx.raw_model)
+    module = ctx.raw_model if ctx.compiled is None else ctx.compiled
+    ctx.model = ctx.fabric.setup_module(module)
     optimizer = build_optimizer(param_groups(ctx.raw_model, stage), stage, ctx.fabric.device.type)
     optimizer = ctx.fabric.setup_optimizers(optimizer)
     if _uses_cache(ctx, stage):

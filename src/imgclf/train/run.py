@@ -136,6 +136,9 @@ def _fit_and_finish(
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if fabric.device.type == "cuda":
+        # Fixed input sizes: let cuDNN time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     train_loader, sampler, val_loader = build_loaders(
         cfg, manifest, pre, rank=fabric.global_rank, world=fabric.world_size
     )
@@ -156,6 +159,7 @@ def _fit_and_finish(
         log=log,
         on_epoch=on_epoch,
         features=_stage_features(cfg, pre, identity["data"]),
+        compiled=torch.compile(model) if cfg.train.compile else None,
     )
     with run.lock():
         if checkpoint is not None and run.writer:

@@ -48,7 +48,13 @@ ARTIFACT_FILES = (
     "report.html",
 )
 ARTIFACT_DIRS = ("plots", "predictions", "evaluations")
-_STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "diverged": "FAILED"}
+# A pruned sweep trial stopped early on purpose: KILLED, as MLflow calls a run stopped by a user.
+_STATUS = {
+    "completed": "FINISHED",
+    "pruned": "KILLED",
+    "interrupted": "KILLED",
+    "diverged": "FAILED",
+}
 _NOT_METRICS = {"stage", "stage_name", "epoch", "stage_epoch"}
 LOCK_TIMEOUT_S = 600.0
 # MLflow's own defaults retry an unreachable server for about 4 minutes; a training that has

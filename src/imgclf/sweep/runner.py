@@ -12,8 +12,15 @@ Storage is a standard Optuna RDB storage, so `optuna-dashboard URL` shows the st
   avoid locking too, but has no heartbeat: a killed worker's trial would stay RUNNING forever.)
 - `postgresql://…`: one study shared by `imgclf sweep FILE --join` workers on any machine.
 Both use Optuna's heartbeat: a trial whose worker stops beating for `heartbeat.grace` seconds is
-marked FAIL (never lost) and its run folder's status "failed"; with `--retry-failed` it is queued
-again (Optuna's `RetryHeartbeatStaleTrialCallback`), as are trials failed in earlier sessions.
+marked FAIL (never lost) and its run folder's status "failed"; with `--retry-failed` its slot is
+queued again (at most `MAX_RETRIES` times automatically), as are trials failed in earlier sessions.
+A FAIL trial's run folder never says "completed" or "pruned", so the leaderboard agrees with the
+study even when a worker dies between finishing its run and recording the result.
+
+On SQLite every decision that reads the queue and then writes it — creating the storage, queueing,
+claiming, failing stale trials and queueing them again — holds one file lock beside the database
+(`study.db.lock`): Python's sqlite3 reads outside transactions, so without it two processes could
+both create the schema, both queue a slot, or both fail and re-queue the same lost trial.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from imgclf.sweep.spec import (
 
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINGERPRINT = "imgclf.fingerprint"
+MAX_RETRIES = 2  # automatic re-queues of a slot whose worker died (--retry-failed queues any)
 Log = Callable[[str], None]
 
 
@@ -65,8 +73,8 @@ class Sweep:
         self.storage = open_storage(url, spec.heartbeat, self._on_lost)
         self.study_id: int | None = None
         self.worker_exits: list[int] = []  # exit codes of the local worker processes
-        database = _sqlite_path(url)
-        self._lock_path = database.with_name(database.name + ".lock") if database else None
+        self._lock_path = _lock_path(url)
+        self._lock_depth = 0
 
     @classmethod
     def open(
@@ -155,22 +163,23 @@ class Sweep:
 
     def queue(self, retry_failed: bool = False) -> list[str]:
         """Queue every slot not yet done (failed ones only with `retry_failed`); their keys."""
-        study = self.study()
-        self.fail_stale(study)
-        by_key: dict[Any, list[FrozenTrial]] = defaultdict(list)
-        for t in study.get_trials(deepcopy=False):
-            by_key[t.user_attrs.get("key")].append(t)
-        queued = []
-        for slot in plan(self.spec):
-            tried = by_key.get(slot.key, [])
-            if any(t.state in LIVE for t in tried) or (tried and not retry_failed):
-                continue
-            params = (
-                slot.params if slot.params is not None else dict(tried[-1].params if tried else {})
-            )
-            study.enqueue_trial(params, user_attrs={"key": slot.key, "sweep": self.id})
-            queued.append(slot.key)
-        return queued
+        with self._locked():
+            study = self.study()
+            self.fail_stale(study)
+            by_key: dict[Any, list[FrozenTrial]] = defaultdict(list)
+            for t in study.get_trials(deepcopy=False):
+                by_key[t.user_attrs.get("key")].append(t)
+            queued = []
+            for slot in plan(self.spec):
+                tried = by_key.get(slot.key, [])
+                if any(t.state in LIVE for t in tried) or (tried and not retry_failed):
+                    continue
+                params = slot.params
+                if params is None:
+                    params = dict(tried[-1].params if tried else {})
+                study.enqueue_trial(params, user_attrs={"key": slot.key, "sweep": self.id})
+                queued.append(slot.key)
+            return queued
 
     def claim(self) -> tuple[optuna.Study, optuna.Trial, int] | None:
         """Take the oldest WAITING trial (atomically); None when the queue is empty."""
@@ -181,13 +190,15 @@ class Sweep:
                 self.study_id, frozen.number
             )
             try:
-                with self._claim_lock():
+                with self._locked():
+                    # The heartbeat first: a worker killed right after the switch to RUNNING
+                    # still leaves one to go stale (Optuna never fails a trial without one).
+                    if self.storage.get_heartbeat_interval():
+                        self.storage.record_heartbeat(trial_id)
                     if not self.storage.set_trial_state_values(trial_id, TrialState.RUNNING):
                         continue  # another worker took it
             except UpdateFinishedTrialError:
                 continue
-            if self.storage.get_heartbeat_interval():
-                self.storage.record_heartbeat(trial_id)
             study = self.study(frozen.number)
             trial = optuna.Trial(study, trial_id)
             for k, v in {"host": socket.gethostname(), "pid": os.getpid(), "run": ""}.items():
@@ -201,22 +212,27 @@ class Sweep:
         return None
 
     @contextlib.contextmanager
-    def _claim_lock(self):
-        """Make WAITING → RUNNING atomic on SQLite too.
+    def _locked(self):
+        """Make read-then-write decisions on the queue atomic on SQLite too (re-entrant).
 
         PostgreSQL locks the row (SELECT … FOR UPDATE), but Python's sqlite3 runs that SELECT
-        outside any transaction, so two processes can both see WAITING and both claim the trial.
-        A file lock beside the database serialises claims (a SQLite study is on one machine).
+        outside any transaction, so two processes can both see WAITING and both claim the trial
+        (or both see a slot missing and both queue it). A file lock beside the database
+        serialises them (a SQLite study is on one machine).
         """
-        if self._lock_path is None:
-            yield
-            return
-        with open(self._lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
+        if self._lock_path is None or self._lock_depth:
+            self._lock_depth += 1
             try:
                 yield
             finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                self._lock_depth -= 1
+            return
+        with file_lock(self._lock_path):
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
 
     @staticmethod
     def _earlier_twin(study: optuna.Study, frozen: FrozenTrial) -> int | None:
@@ -230,12 +246,16 @@ class Sweep:
 
     def fail_stale(self, study: optuna.Study | None = None) -> None:
         """Mark RUNNING trials whose heartbeat stopped more than `grace` seconds ago FAIL."""
-        with warnings.catch_warnings():
+        with self._locked(), warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study or self.study())
 
     def fail_orphans(self, pid: int, why: str) -> list[int]:
         """A local worker process died: fail its RUNNING trials now, without waiting."""
+        with self._locked():
+            return self._fail_orphans(pid, why)
+
+    def _fail_orphans(self, pid: int, why: str) -> list[int]:
         study, host, failed = self.study(), socket.gethostname(), []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("pid") == pid and t.user_attrs.get("host") == host:
@@ -258,11 +278,40 @@ class Sweep:
             why
             or f"its sweep worker was lost: no heartbeat for {self.spec.heartbeat.grace_seconds} s"
         )
-        mark_run_failed(trial.user_attrs.get("run"), why)
+        # Killed before the run folder was recorded on the trial: its tags still name it.
+        mark_run_failed(trial.user_attrs.get("run") or self._find_run(trial.number), why)
         if self.retry:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(study, trial)
+            self._requeue(trial)
+
+    def _find_run(self, number: int) -> str | None:
+        name = f"{self.id[:24]}-t{number}"
+        for path in self.runs_dir.glob(f"*-{name}-*"):
+            try:
+                tags = json.loads((path / "summary.json").read_text()).get("tags") or {}
+            except (OSError, ValueError, AttributeError):
+                continue
+            if tags.get("sweep") == self.id and tags.get("trial") == str(number):
+                return str(path)
+        return None
+
+    def _requeue(self, lost: FrozenTrial) -> None:
+        """Queue a lost trial's slot again, unless it is already queued, running or done.
+
+        Only the slot's key and the lost trial's parameters travel: not its run folder, pid or
+        error (Optuna's RetryHeartbeatStaleTrialCallback copies every user attribute, so a retry
+        killed early would still name the old trial's run).
+        """
+        key = lost.user_attrs.get("key")
+        if key is None:
+            return
+        with self._locked():
+            study = self.study()
+            tried = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("key") == key]
+            failed = sum(t.state == TrialState.FAIL for t in tried)
+            if any(t.state in LIVE for t in tried) or failed > MAX_RETRIES:
+                return
+            attrs = {"key": key, "sweep": self.id, "retry_of": lost.number}
+            study.enqueue_trial(dict(lost.params), user_attrs=attrs)
 
 
 def open_storage(
@@ -272,21 +321,25 @@ def open_storage(
     from sqlalchemy.exc import SQLAlchemyError
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    lock = _lock_path(url)
     try:
-        if url.startswith("sqlite"):
-            engine_kwargs = {"connect_args": {"timeout": 60}}
-            database = _sqlite_path(url)
-            if database is not None:
-                _sqlite_wal(database)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat.interval if heartbeat else None,
-                grace_period=heartbeat.grace_seconds if heartbeat else None,
-                heartbeat_stale_trial_callback=on_lost,
-            )
+        # Two processes creating a new SQLite study at once both create its tables and stamp
+        # its schema version ("UNIQUE constraint failed: alembic_version"): one at a time.
+        with file_lock(lock) if lock else contextlib.nullcontext():
+            if url.startswith("sqlite"):
+                engine_kwargs = {"connect_args": {"timeout": 60}}
+                database = _sqlite_path(url)
+                if database is not None:
+                    _sqlite_wal(database)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat.interval if heartbeat else None,
+                    grace_period=heartbeat.grace_seconds if heartbeat else None,
+                    heartbeat_stale_trial_callback=on_lost,
+                )
     except (SQLAlchemyError, ImportError, ValueError, sqlite3.Error) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImgclfError(f"cannot open the sweep storage {display_url(url)}: {reason}") from e
@@ -300,6 +353,24 @@ def _sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     return Path(parsed.database)
+
+
+def _lock_path(url: str) -> Path | None:
+    """The lock file beside a SQLite study (None for server databases)."""
+    database = _sqlite_path(url)
+    return database.with_name(database.name + ".lock") if database else None
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between processes on this machine (released if the holder dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _sqlite_wal(path: Path) -> None:
@@ -335,7 +406,12 @@ def tell(
 
 
 def mark_run_failed(run: str | None, reason: str) -> None:
-    """A run folder left "running" by a killed worker becomes "failed" (if it is on this disk)."""
+    """The run folder of a trial the study failed says "failed" (if it is on this disk).
+
+    Left "running" by a killed worker; or "completed" / "pruned" when the worker died (or lost
+    its heartbeat) after the run ended but before the study recorded it — the study counts it
+    as failed and queues the slot again, so the folder must not look like a result.
+    """
     if not run:
         return
     summary_path = Path(run) / "summary.json"
@@ -343,7 +419,10 @@ def mark_run_failed(run: str | None, reason: str) -> None:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError):
         return
-    if summary.get("status") == "running":
+    status = summary.get("status")
+    if status in ("running", "completed", "pruned"):
+        if status != "running":
+            reason = f"{reason} (the run had ended {status})"
         atomic_write_json(summary_path, {**summary, "status": "failed", "error": reason})
 
 
@@ -550,7 +629,8 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, log: Log) 
         path = train(cfg, progress=False, log=train_log, on_epoch=on_epoch)
     except Pruned as e:
         finder.poll()
-        tell(study, trial, state=TrialState.PRUNED)
+        if not tell(study, trial, state=TrialState.PRUNED):
+            return _failed_meanwhile(finder.path, say)
         say(str(e))
         return "pruned"
     except KeyboardInterrupt:
@@ -570,10 +650,17 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, log: Log) 
     except ImgclfError as e:
         return _failed(study, trial, str(e), say)
     if not tell(study, trial, values=value):
-        say(f"finished, but the study had already failed it (no heartbeat); run: {path}")
-        return "failed"
+        return _failed_meanwhile(path, say)
     say(f"{spec.metric} {value:.4f}  run {path}")
     return "complete"
+
+
+def _failed_meanwhile(path: Path | None, say: Log) -> str:
+    """The study failed this trial while it ran (its heartbeat went stale): its run is no result."""
+    reason = "the study had already failed this trial (no heartbeat in time)"
+    mark_run_failed(str(path) if path else None, reason)
+    say(f"finished, but {reason}; run: {path}")
+    return "failed"
 
 
 def _failed(study: optuna.Study, trial: optuna.Trial, reason: str, say: Log) -> str:

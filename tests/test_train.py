@@ -280,7 +280,7 @@ def test_train_compile_traces_the_model_and_saves_plain_weights(data, tmp_path, 
     def eager_compile(model, **kw):
         # Dynamo traces the model for real; inductor's C++ build would take a minute on CPU.
         compiled.append(model)
-        return real(model, backend="eager", **kw)
+        return real(model, **{**kw, "backend": "eager"})
 
     monkeypatch.setattr(torch, "compile", eager_compile)
     cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "train.compile=true")

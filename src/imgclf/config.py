@@ -67,6 +67,20 @@ class DataConfig(_Strict):
     image_size: int | None = Field(None, ge=8, description="None: the model's default input size")
     split: SplitConfig = SplitConfig()
     scan: ScanConfig = ScanConfig()
+    cache: Literal["none", "auto", "memory", "disk"] = Field(
+        "none",
+        description="decode-once image cache + batch augmentation on the device: memory (RAM, "
+        "pinned for a GPU), disk (memory-mapped), auto (memory when it fits cache_memory_gb)",
+    )
+    cache_dir: Path | None = Field(None, description="None: $IMGCLF_CACHE/images")
+    cache_memory_gb: float | None = Field(
+        None, gt=0, description="auto's RAM budget; None: a quarter of RAM, at most 16 GiB"
+    )
+    cache_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where cached pixels live; auto: the GPU when they fit a quarter of "
+        "its free memory",
+    )
 
 
 class HeadConfig(_Strict):

@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
 _STYLE = {"ok": "green", "warn": "yellow", "problem": "bold red"}
 
 
@@ -64,6 +63,8 @@ def doctor(
 
 def _print(findings, removed: list[str]) -> None:
     from rich.table import Table
+
+    console = Console()  # made now: the terminal width (COLUMNS) at the time of printing
 
     table = Table(show_lines=False)
     for column in ("check", "status", "detail", "what to do"):

@@ -9,12 +9,13 @@ from pathlib import Path
 import torch
 
 from imgclf.config import RunConfig
+from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.models import apply_trainable, build_model, param_groups, set_train_mode
 from imgclf.train.losses import build_loss
 from imgclf.train.lr_find import LRFindResult, lr_find, plot_lr_find
 from imgclf.train.optim import build_optimizer
-from imgclf.train.run import build_loaders, seed_everything
+from imgclf.train.run import seed_everything
 
 
 def find_lr(

@@ -18,10 +18,10 @@ import torch
 import yaml
 
 from imgclf.config import RunConfig, dump_yaml, resolve, validate
-from imgclf.data.loaders import EpochSampler, ManifestDataset, balanced_weights, make_loader
 from imgclf.data.manifest import Manifest
+from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
-from imgclf.data.transforms import eval_transform, resolve_augment, train_transform
+from imgclf.data.transforms import resolve_augment
 from imgclf.errors import ImgclfError
 from imgclf.io import remove_temps
 from imgclf.models import build_model, count_parameters, model_size_mb
@@ -139,9 +139,18 @@ def _fit_and_finish(
     if fabric.device.type == "cuda":
         # Fixed input sizes: let cuDNN time its algorithms once and keep the fastest.
         torch.backends.cudnn.benchmark = True
-    train_loader, sampler, val_loader = build_loaders(
-        cfg, manifest, pre, rank=fabric.global_rank, world=fabric.world_size
-    )
+    with fabric.rank_zero_first():  # rank 0 builds the image cache, the others reuse it
+        train_loader, sampler, val_loader = build_loaders(
+            cfg,
+            manifest,
+            pre,
+            rank=fabric.global_rank,
+            world=fabric.world_size,
+            device=fabric.device,
+            channels_last=channels_last,
+            log=log,
+            progress=progress,
+        )
     counts = np.bincount(train_loader.dataset.targets, minlength=len(manifest.labels)).tolist()
     ctx = FitContext(
         fabric=fabric,
@@ -226,59 +235,6 @@ def _precision(cfg: RunConfig) -> str:
     if cfg.train.accelerator in ("auto", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
-
-
-def build_loaders(cfg: RunConfig, manifest: Manifest, pre, *, rank: int = 0, world: int = 1):
-    """Train loader (with its resumable sampler) and validation loader for a manifest.
-
-    Under `world` processes each rank loads its share of every global batch and the whole
-    validation set (every rank validates the same weights; rank 0's metrics are used).
-    """
-    size, t = pre.input_size, cfg.train
-    train_tf = train_transform(t.augment, size, pre.mean, pre.std, pre.interpolation)
-    eval_tf = eval_transform(size, pre.mean, pre.std, pre.interpolation, pre.crop_pct)
-    common = {
-        "size_hint": size,
-        "max_pixels": cfg.data.scan.max_pixels,
-        "min_side": cfg.data.scan.min_side,
-    }
-    train_ds = ManifestDataset(
-        manifest.root, manifest.split_entries("train"), manifest.labels, train_tf, **common
-    )
-    val_entries = manifest.split_entries("val")
-    if not train_ds.paths or not val_entries:
-        raise ImgclfError(
-            f"training needs images in train and val splits; got {len(train_ds)} "
-            f"train and {len(val_entries)} val (see data.split)"
-        )
-    val_ds = ManifestDataset(manifest.root, val_entries, manifest.labels, eval_tf, **common)
-    weights = (
-        balanced_weights(train_ds.targets, len(manifest.labels))
-        if t.imbalance == "sampler"
-        else None
-    )
-    sampler = EpochSampler(len(train_ds), cfg.seed, weights)
-    if world > 1:
-        if len(train_ds) < t.batch_size:
-            raise ImgclfError(
-                f"{len(train_ds)} training images are fewer than one global batch "
-                f"(train.batch_size={t.batch_size}); lower the batch size"
-            )
-        sampler.shard(rank, world, t.batch_size)
-    pin = torch.cuda.is_available()
-    # A last batch of one or two images makes BatchNorm statistics meaningless: drop it.
-    train_loader = make_loader(
-        train_ds,
-        t.batch_size // world,
-        workers=t.workers,
-        sampler=sampler,
-        pin_memory=pin,
-        drop_last=len(train_ds) > t.batch_size,
-    )
-    val_loader = make_loader(
-        val_ds, (t.eval_batch_size or t.batch_size) // world, workers=t.workers, pin_memory=pin
-    )
-    return train_loader, sampler, val_loader
 
 
 def _write_run_header(

@@ -1,0 +1,489 @@
+"""The decode-once image cache: every image decoded and resized once, kept as uint8 pixels.
+
+Each image goes through `load_image` (every bad-input rule applies; large JPEGs use the
+reduced-size decode), its SHORTER side is resized to `stored = round(size / crop_pct)` pixels
+exactly as the eval transform resizes (Pillow, antialiased, torchvision's output size), and a
+`stored × stored` square is cut from it and kept as uint8 HWC.
+
+Aspect ratio: the square is the central part of the image along its long side. Training crops
+and flips come from that square only, so the outer parts of wide or tall images (beyond the
+central square) are never seen by training; a 4:3 photo loses 1/8 of its width on each side.
+The square's offset is the eval center crop's offset minus the inner crop's (torchvision
+rounds both), so it may sit one pixel off the exact middle; that is what makes the
+center `size × size` crop of the square (`CachedImages.eval_crop()`) equal the eval transform's
+output pixel for pixel, which is why `size` is part of the key and not only `stored`.
+
+An entry is `<root>/<key>/images.u8` (raw N×S×S×3 uint8, C order, no header) and `meta.json`
+(format, n, stored, size, interpolation, ok, reasons, paths digest, sha256 of images.u8). It
+is written in a temporary folder `.<key>.XXXXXXXX` beside it (images through a memory-mapped,
+preallocated file) and renamed into place, so a crash never leaves an entry that looks
+complete; a builder that loses a race for the same key uses the winner's entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imgclf.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLoadError, load_image
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_json, file_sha256
+
+CACHE_FORMAT = 1
+IMAGES_FILE = "images.u8"
+META_FILE = "meta.json"
+MODES = ("auto", "memory", "disk")
+_OWNER_FILE = ".owner"  # host and pid of the builder, inside its temporary folder only
+_MEMORY_CAP = 16 * 2**30
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What the cached pixels depend on, besides the images themselves."""
+
+    size: int
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = DEFAULT_MIN_SIDE
+    size_hint: int | None = None  # None: `stored`, so the reduced decode never needs upscaling
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            choices = ", ".join(_RESAMPLE)
+            raise ImgclfError(
+                f"unknown interpolation {self.interpolation!r}; choose one of {choices}"
+            )
+        if not 0 < self.crop_pct <= 1:
+            raise ImgclfError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.size < 1:
+            raise ImgclfError(f"image size must be at least 1, got {self.size}")
+
+    @property
+    def stored(self) -> int:
+        return stored_size(self.size, self.crop_pct)
+
+    @property
+    def hint(self) -> int:
+        return self.size_hint or self.stored
+
+
+@dataclass
+class CachedImages:
+    """One cache entry opened for use: `images` is [N, S, S, 3] uint8 (memmap or RAM)."""
+
+    images: Any  # torch.Tensor, uint8 [N, S, S, 3]
+    ok: Any  # torch.Tensor, bool [N]: False where the image could not be loaded (zeros there)
+    reasons: list[str]  # "" where ok, else the ImageLoadError kind and detail
+    stored: int
+    size: int
+    key: str
+    folder: Path
+    mode: str  # "memory" | "disk"
+    build_seconds: float  # 0.0 when an existing entry was reused
+    nbytes: int
+    array: np.ndarray  # what `images` views: an np.memmap in disk mode
+
+    @property
+    def crop_offset(self) -> int:
+        """Top-left corner (both axes) of the eval center crop inside the stored square."""
+        return center_anchor(self.stored, self.size)
+
+    def eval_crop(self):
+        """[N, size, size, 3] view: the eval transform's pixels before normalisation."""
+        o = self.crop_offset
+        return self.images[:, o : o + self.size, o : o + self.size]
+
+
+def stored_size(size: int, crop_pct: float) -> int:
+    """The short side the eval transform resizes to: round(size / crop_pct)."""
+    return round(size / crop_pct)
+
+
+def estimate_bytes(n: int, stored: int) -> int:
+    """Bytes of an entry's pixels (meta.json is a few bytes per image on top)."""
+    return n * stored * stored * 3
+
+
+def default_cache_root() -> Path:
+    from imgclf.data.example import cache_dir
+
+    return cache_dir() / "images"
+
+
+def default_memory_budget() -> int:
+    """25 % of physical RAM, at most 16 GiB (1 GiB where the RAM size is unknown)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**30
+    return min(ram // 4, _MEMORY_CAP)
+
+
+def cache_key(rel_paths: Sequence[str], data_version: str, spec: CacheSpec) -> str:
+    """sha256 over the format, data version, settings and the exact path list in order."""
+    parts = {
+        "format": CACHE_FORMAT,
+        "data_version": data_version,
+        "stored": spec.stored,
+        "size": spec.size,
+        "interpolation": spec.interpolation,
+        "max_pixels": spec.max_pixels,
+        "min_side": spec.min_side,
+        "size_hint": spec.hint,
+    }
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
+    h.update(b"\0" + _paths_digest(rel_paths).encode())
+    return h.hexdigest()[:24]
+
+
+def square_pixels(image: Image.Image, spec: CacheSpec) -> np.ndarray:
+    """Resize the short side to `stored` as the eval transform does; the stored square, HWC."""
+    stored, w, h = spec.stored, *image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(stored * long / short)  # torchvision's own expression: the same truncation
+    new_w, new_h = (stored, new_long) if w <= h else (new_long, stored)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=_RESAMPLE[spec.interpolation])
+    left = center_anchor(new_w, spec.size) - center_anchor(stored, spec.size)
+    top = center_anchor(new_h, spec.size) - center_anchor(stored, spec.size)
+    return np.asarray(image.crop((left, top, left + stored, top + stored)), dtype=np.uint8)
+
+
+def center_anchor(length: int, crop: int) -> int:
+    """Where a center crop of `crop` starts in `length`."""
+    return round((length - crop) / 2.0)  # torchvision's CenterCrop anchor (round half to even)
+
+
+class ImageCache:
+    """Content-addressed entries of decoded images under `root` (default $IMGCLF_CACHE/images)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_root()
+
+    def open_or_build(
+        self,
+        data_root: Path | str,
+        rel_paths: Sequence[str],
+        *,
+        data_version: str,
+        size: int,
+        crop_pct: float = 0.875,
+        interpolation: str = "bilinear",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int = DEFAULT_MIN_SIDE,
+        size_hint: int | None = None,
+        mode: str = "auto",
+        memory_budget_bytes: int | None = None,
+        workers: int | None = None,
+        progress: bool = False,
+        log: Log | None = None,
+    ) -> CachedImages:
+        """The entry for these images and settings, decoding them only when none is cached.
+
+        mode "auto" keeps the images in RAM when they fit `memory_budget_bytes` (default:
+        `default_memory_budget()`), else memory-maps the file; "memory" also writes the entry.
+        workers: decode processes; 0 (or 1) decodes in this process, None = one per core (in
+        this process below 64 images).
+        """
+        spec = CacheSpec(size, crop_pct, interpolation, max_pixels, min_side, size_hint)
+        if mode not in MODES:
+            raise ImgclfError(f"unknown image cache mode {mode!r}; choose one of {MODES}")
+        key = cache_key(rel_paths, data_version, spec)
+        if mode == "auto":
+            budget = default_memory_budget() if memory_budget_bytes is None else memory_budget_bytes
+            mode = "memory" if estimate_bytes(len(rel_paths), spec.stored) <= budget else "disk"
+        found = self.open(key, mode=mode, log=log)
+        if found is not None:
+            return found
+        t0 = time.perf_counter()
+        paths = [os.path.join(os.fspath(data_root), p) for p in rel_paths]
+        self._build(key, paths, rel_paths, data_version, spec, workers, progress, log)
+        seconds = time.perf_counter() - t0
+        built = self.open(key, mode=mode, log=log)
+        if built is None:
+            raise ImgclfError(
+                f"the image cache entry {self.root / key} is not readable after writing"
+            )
+        built.build_seconds = seconds
+        return built
+
+    def open(self, key: str, *, mode: str = "disk", log: Log | None = None) -> CachedImages | None:
+        """A complete entry as memmap ("disk") or RAM copy ("memory"); None when there is none."""
+        if mode not in ("disk", "memory"):
+            raise ImgclfError(f"open() takes mode 'disk' or 'memory', not {mode!r}")
+        meta = self.read_meta(key)
+        if meta is None:
+            return None
+        import torch
+
+        n, s = meta["n"], meta["stored"]
+        shape, file = (n, s, s, 3), self.root / key / IMAGES_FILE
+        if mode == "disk" and n:
+            # Copy-on-write: a writable view (torch warns on read-only arrays) that never
+            # changes the file.
+            array = np.memmap(file, dtype=np.uint8, mode="c", shape=shape)
+            images = torch.from_numpy(array)
+        else:
+            images = _read_into_ram(file, shape, log)
+            array = images.numpy()
+        return CachedImages(
+            images=images,
+            ok=torch.tensor(meta["ok"], dtype=torch.bool),
+            reasons=list(meta["reasons"]),
+            stored=s,
+            size=meta["size"],
+            key=key,
+            folder=self.root / key,
+            mode=mode,
+            build_seconds=0.0,
+            nbytes=estimate_bytes(n, s),
+            array=array,
+        )
+
+    def read_meta(self, key: str) -> dict | None:
+        """The entry's meta.json when the entry is complete and consistent, else None."""
+        folder = self.root / key
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            n, s = int(meta["n"]), int(meta["stored"])
+            good = (
+                meta["format"] == CACHE_FORMAT
+                and meta["key"] == key
+                and len(meta["ok"]) == n == len(meta["reasons"])
+                and (folder / IMAGES_FILE).stat().st_size == estimate_bytes(n, s)
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return meta if good else None
+
+    # ------------------------------------------------------------------ building
+
+    def _build(
+        self,
+        key: str,
+        paths: list[str],
+        rel_paths: Sequence[str],
+        data_version: str,
+        spec: CacheSpec,
+        workers: int | None,
+        progress: bool,
+        log: Log | None,
+    ) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._discard(key)
+        n, nbytes = len(paths), estimate_bytes(len(paths), spec.stored)
+        _check_free_space(self.root, nbytes)
+        if log:
+            log(f"caching {n} decoded images at {spec.stored} px ({_gib(nbytes)}) in {self.root}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+        try:
+            (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()}\n{os.getpid()}\n")
+            file = tmp / IMAGES_FILE
+            _allocate(file, nbytes, self.root)
+            reasons = _decode_all(file, paths, spec, workers, progress)
+            meta = {
+                "format": CACHE_FORMAT,
+                "key": key,
+                "n": n,
+                "stored": spec.stored,
+                "layout": "NHWC uint8",
+                **{k: v for k, v in asdict(spec).items() if k != "size_hint"},
+                "size_hint": spec.hint,
+                "data_version": data_version,
+                "paths_sha256": _paths_digest(rel_paths),
+                "ok": [not r for r in reasons],
+                "reasons": reasons,
+                "sha256": {IMAGES_FILE: file_sha256(file)},
+            }
+            atomic_write_json(tmp / META_FILE, meta)
+            (tmp / _OWNER_FILE).unlink()
+            self._publish(tmp, key)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if log:
+            bad = sum(map(bool, reasons))
+            log(f"cached {n} images ({bad} could not be loaded) as {self.root / key}")
+
+    def _publish(self, tmp: Path, key: str) -> None:
+        try:
+            os.replace(tmp, self.root / key)
+        except OSError:
+            # Another process published the same key first: theirs holds the same pixels.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.read_meta(key) is None:
+                raise
+
+    def _discard(self, key: str) -> None:
+        """Remove what would block a rebuild: an invalid entry, dead builders' folders."""
+        folder = self.root / key
+        if folder.exists() and self.read_meta(key) is None:
+            # Renamed away first so no reader ever sees it half-deleted.
+            trash = tempfile.mkdtemp(prefix=f".{key}.", dir=self.root)
+            with contextlib.suppress(OSError):  # another builder moved it already
+                os.replace(folder, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        for tmp in self.root.glob(f".{key}.*"):
+            if tmp.is_dir() and _owner_is_dead(tmp / _OWNER_FILE):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _paths_digest(rel_paths: Iterable[str]) -> str:
+    # JSON, not "\n".join: a file name may itself contain a newline.
+    return hashlib.sha256(json.dumps(list(rel_paths), ensure_ascii=False).encode()).hexdigest()
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def _no_space(root: Path, nbytes: int, detail: str) -> ImgclfError:
+    return ImgclfError(
+        f"no space left for the image cache in {root}: it needs {_gib(nbytes)} ({detail}); "
+        "free space there, set IMGCLF_CACHE to a disk with room, or turn the cache off with "
+        "data.cache=none"
+    )
+
+
+def _check_free_space(root: Path, nbytes: int) -> None:
+    free = shutil.disk_usage(root).free
+    if nbytes > free:
+        raise _no_space(root, nbytes, f"{_gib(free)} free")
+
+
+def _allocate(file: Path, nbytes: int, root: Path) -> None:
+    """Reserve every block now: a full disk under a memory map is SIGBUS, not an error."""
+    try:
+        with open(file, "wb") as f:
+            if nbytes and hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            else:
+                f.truncate(nbytes)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise _no_space(root, nbytes, os.strerror(e.errno)) from e
+        raise
+
+
+def _owner_is_dead(owner: Path) -> bool:
+    try:
+        host, pid = owner.read_text().split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False  # no owner recorded, or alive under another user: leave it
+    return False
+
+
+def _read_into_ram(file: Path, shape: tuple[int, ...], log: Log | None):
+    import torch
+
+    pin = torch.cuda.is_available()
+    try:
+        images = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+    except RuntimeError as e:  # page-locking this much can fail; pageable memory still works
+        if log:
+            log(f"image cache not pinned ({e}); using pageable memory")
+        images = torch.empty(shape, dtype=torch.uint8)
+    view = memoryview(images.numpy().reshape(-1))  # flat bytes, a view of the tensor
+    with open(file, "rb", buffering=0) as f:
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise ImgclfError(f"{file} is shorter than its meta.json says; delete it")
+            done += got
+    return images
+
+
+# ---------------------------------------------------------------------- decoding
+
+_Job = tuple[str, int, CacheSpec, list[tuple[int, str]]]
+
+
+def decode_chunk(job: _Job) -> list[tuple[int, str]]:
+    """Worker: decode a chunk of images into the memory-mapped file; (index, reason) each."""
+    file, n, spec, items = job
+    s = spec.stored
+    out = np.memmap(file, dtype=np.uint8, mode="r+", shape=(n, s, s, 3))
+    results = []
+    for i, path in items:
+        try:
+            image = load_image(
+                path, max_pixels=spec.max_pixels, min_side=spec.min_side, size_hint=spec.hint
+            )
+        except ImageLoadError as e:
+            results.append((i, e.kind + (f": {e.detail}" if e.detail else "")))
+            continue
+        out[i] = square_pixels(image, spec)
+        results.append((i, ""))
+    del out  # unmapped; the parent fsyncs the file once
+    return results
+
+
+def _decode_all(
+    file: Path, paths: list[str], spec: CacheSpec, workers: int | None, progress: bool
+) -> list[str]:
+    n = len(paths)
+    if not n:
+        return []
+    procs = (os.cpu_count() or 1) if workers is None else workers
+    if workers is None and n < 64:  # a pool costs more than it saves on a handful of files
+        procs = 0
+    chunk = max(1, min(64, n // (max(procs, 1) * 8)))
+    items = list(enumerate(paths))
+    jobs = [(str(file), n, spec, items[i : i + chunk]) for i in range(0, n, chunk)]
+    reasons = [""] * n
+    if procs <= 1:
+        done: Iterator[list] = map(decode_chunk, jobs)
+        for i, reason in _with_progress(done, n, progress):
+            reasons[i] = reason
+    else:
+        with ProcessPoolExecutor(max_workers=procs) as pool:
+            for i, reason in _with_progress(pool.map(decode_chunk, jobs), n, progress):
+                reasons[i] = reason
+    with open(file, "rb+") as f:
+        os.fsync(f.fileno())
+    return reasons
+
+
+def _with_progress(chunks: Iterator[list], total: int, show: bool) -> Iterator[tuple[int, str]]:
+    if not show:
+        for results in chunks:
+            yield from results
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("caching images", total=total)
+        for results in chunks:
+            bar.advance(task, len(results))
+            yield from results

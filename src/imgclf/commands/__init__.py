@@ -7,7 +7,7 @@ import importlib
 
 import typer
 
-AREAS = ("evaluate", "leaderboard", "predict", "serve", "sweep", "doctor")
+AREAS = ("evaluate", "leaderboard", "predict", "serve", "sweep", "doctor", "bench")
 
 
 def register_all(app: typer.Typer) -> None:

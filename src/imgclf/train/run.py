@@ -79,7 +79,7 @@ def train(
         checkpoint = load_checkpoint(run.path / CHECKPOINT)
     assert cfg is not None
     check_config(cfg, world)
-    fabric = make_fabric(cfg, world, _precision(cfg))
+    fabric = make_fabric(cfg, world, resolve_precision(cfg))
     manifest, manifest_dir = _prepare_data(cfg, fabric, progress)
     # After the data (rank 0 alone scans): every rank's generators start from the same point.
     seed_everything(cfg.seed + world.rank)
@@ -229,7 +229,7 @@ def _stage_features(cfg: RunConfig, pre, data_hash: str) -> StageFeatures | None
     return StageFeatures(cache, cfg.train.feature_views, cfg.seed, describe)
 
 
-def _precision(cfg: RunConfig) -> str:
+def resolve_precision(cfg: RunConfig) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
     if cfg.train.accelerator in ("auto", "cuda") and torch.cuda.is_available():

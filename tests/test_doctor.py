@@ -1,11 +1,13 @@
 """`imgclf doctor`: a clean setup passes; stale temporary files, corrupt cache entries, corrupt
 checkpoints and weights, a broken MLflow store, a full disk and mismatched versions are each
-reported with what to do, and --fix removes only imgclf's own stale or corrupt cache files."""
+reported with what to do, and --fix removes only imgclf's own stale or corrupt cache files —
+never a temporary folder whose image-cache builder is still alive."""
 
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from typer.testing import CliRunner
 
 from imgclf.cli import app
 from imgclf.config import load_config
+from imgclf.data.cache import ImageCache
 from imgclf.doctor import check_examples, check_gpu, check_versions
 from imgclf.train.run import train
 
@@ -289,3 +292,98 @@ def test_the_example_data_is_verified_by_its_recorded_digests(tmp_path):
     assert code == 0 and not folder.exists()
     assert not (examples / f"{folder.name}.complete").exists()
     assert rows(report, "example data", "problem")[0]["fixed"]
+
+
+def build_image_cache(tmp_path, sizes=(32,)):
+    """Real decode-once image cache entries (one per size) of six tiny generated images."""
+    data = fx.make_class_folder(tmp_path / "imgs", classes=("a", "b"), per_class=3, size=(40, 30))
+    rel = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    cache = ImageCache()  # $IMGCLF_CACHE/images: where doctor looks
+    built = [
+        cache.open_or_build(data, rel, data_version="v1", size=s, mode="disk", workers=0)
+        for s in sizes
+    ]
+    return cache, data, rel, [b.folder for b in built]
+
+
+def test_image_cache_entries_are_verified_and_a_flipped_byte_is_removed(tmp_path):
+    cache, data, rel, (first, second) = build_image_cache(tmp_path, sizes=(32, 24))
+    meta = json.loads((first / "meta.json").read_text())
+    pixels = (first / "images.u8").read_bytes()
+    assert meta["sha256"]["images.u8"] == hashlib.sha256(pixels).hexdigest()
+    code, report = doctor()
+    assert code == 0
+    (ok,) = rows(report, "image cache")
+    assert ok["status"] == "ok" and ok["detail"].startswith("2 entries verified by sha256")
+    assert "of pixels hashed" in ok["detail"]
+
+    flipped = bytearray(pixels)
+    flipped[len(flipped) // 2] ^= 0x01  # same size: read_meta still accepts it, only the hash tells
+    (first / "images.u8").write_bytes(bytes(flipped))
+    junk = cache.root / ("f" * 24)  # an entry folder without its meta.json
+    junk.mkdir()
+    (junk / "images.u8").write_bytes(b"\0" * 10)
+    code, report = doctor()
+    assert code == 1 and report["problems"] == 2
+    bad = {c["paths"][0]: c for c in rows(report, "image cache", "problem")}
+    assert set(bad) == {str(first), str(junk)}
+    assert "images.u8 does not match the sha256" in bad[str(first)]["detail"]
+    assert "incomplete" in bad[str(junk)]["detail"] and "no meta.json" in bad[str(junk)]["detail"]
+    assert all("--fix" in c["fix"] for c in bad.values())
+    assert rows(report, "image cache", "ok")[0]["detail"].startswith("1 entries verified")
+
+    code, report = doctor("--fix")
+    assert code == 0
+    assert sorted(report["removed"]) == sorted([f"removed {first}", f"removed {junk}"])
+    assert not first.exists() and not junk.exists() and second.exists()
+    assert (second / "images.u8").is_file()  # the entry folder only
+    code, report = doctor()
+    assert code == 0 and rows(report, "image cache", "ok")[0]["detail"].startswith("1 entries")
+    again = cache.open_or_build(data, rel, data_version="v1", size=32, mode="disk", workers=0)
+    assert again.folder == first and again.build_seconds > 0  # decoded again on next use
+
+
+def test_a_live_image_cache_builders_temp_folder_survives_fix(tmp_path):
+    cache, *_ = build_image_cache(tmp_path)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    host = socket.gethostname()
+    owners = {
+        "live": f"{host}\n{os.getpid()}\n",  # this test process: alive on this host
+        "dead": f"{host}\n{finished.pid}\n",
+        "other host": f"elsewhere.invalid\n{os.getpid()}\n",  # not checkable: the age rule
+    }
+    folders = {}
+    for i, (name, owner) in enumerate(owners.items()):
+        folder = cache.root / f".{'0' * 23}{i}.ab12cd3{i}"  # mkdtemp(prefix=".<key>.")
+        folder.mkdir()
+        (folder / ".owner").write_text(owner)
+        (folder / "images.u8").write_bytes(b"\0" * 1000)
+        for p in [*folder.iterdir(), folder]:
+            age(p, 2 * HOUR)
+        folders[name] = folder
+
+    code, report = doctor()
+    assert code == 0 and not rows(report, "image cache", "problem")  # not entries
+    (stale,) = rows(report, "temp files", "warn")
+    assert {os.path.abspath(p) for p in stale["paths"]} == {
+        str(folders["dead"]),
+        str(folders["other host"]),
+    }
+    (kept,) = [c for c in rows(report, "temp files", "ok") if "still running" in c["detail"]]
+    assert [os.path.abspath(p) for p in kept["paths"]] == [str(folders["live"])]
+
+    code, report = doctor("--fix", "--stale-minutes", 0)
+    assert code == 0
+    assert folders["live"].is_dir() and (folders["live"] / "images.u8").is_file()
+    assert not folders["dead"].exists() and not folders["other host"].exists()
+    assert str(folders["live"]) not in json.dumps(report["removed"])
+
+
+def test_too_little_free_disk_names_the_image_cache(tmp_path):
+    cache, _, _, (entry,) = build_image_cache(tmp_path)
+    code, report = doctor("--min-free-gb", 10**9)
+    assert code == 1
+    (bad,) = [c for c in rows(report, "disk", "problem") if "image caches" in c["fix"]]
+    assert f"decoded image caches in {cache.root} (1 entries" in bad["fix"]
+    assert f"{entry.name} (" in bad["fix"]

@@ -123,6 +123,7 @@ def open_caches(cfg, manifest, datasets, pre, *, log, progress: bool) -> list:
             size_hint=pre.input_size,
             mode=cfg.data.cache,
             memory_budget_bytes=budget,
+            workers=cfg.data.scan.workers or None,  # the scan's decode processes (0: per core)
             progress=progress,
             log=log,
         )

@@ -3,12 +3,12 @@
 Each check is a plain function returning `Finding`s: a status (ok | warn | problem), what was
 found and what to do. Nothing here changes a file except `apply_fixes`, which deletes only the
 paths of findings marked `removable`: imgclf's own stale temporary files and cache entries that
-fail their digests — never user files, never run folders. torch is imported only by the checks
-that need it.
+fail their digests — never user files, never run folders, never a temporary folder whose
+`.owner` builder is alive on this host. torch is imported only by the checks that need it.
 
 The checks live by concept: `environment` (versions, GPU, disk), `store` (the MLflow store) and
-`files` (feature cache, example data, run files, stale temporary files); `findings` holds
-`Finding` and `Places`.
+`files` (feature cache, image cache, example data, run files, stale temporary files); `findings`
+holds `Finding` and `Places`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from imgclf.doctor.environment import check_disk, check_gpu, check_versions
 from imgclf.doctor.files import (
     check_examples,
     check_feature_cache,
+    check_image_cache,
     check_run_files,
     check_temp_files,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "check_examples",
     "check_feature_cache",
     "check_gpu",
+    "check_image_cache",
     "check_mlflow_store",
     "check_run_files",
     "check_temp_files",
@@ -54,6 +56,7 @@ def run_checks(
         *check_disk(places, min_free_gb),
         *check_mlflow_store(places.runs, places.uri),
         *check_feature_cache(places.cache / "features"),
+        *check_image_cache(places.cache / "images"),
         *check_examples(places.cache / "examples"),
         *check_run_files(places.runs),
         *check_temp_files(places, stale_minutes, time.time()),

@@ -180,6 +180,16 @@ def _deletable(places: Places, dev: int) -> str:
             f"feature caches in {features} ({len(entries)} entries, {total}; recomputed when "
             f"needed), oldest first: {oldest}"
         )
+    images = places.cache / "images"
+    entries = sorted(_on_device(subdirs(images), dev), key=lambda p: p.stat().st_mtime)
+    if entries:
+        total = human_size(sum(tree_size(p) for p in entries))
+        oldest = ", ".join(f"{p.name} ({human_size(tree_size(p))})" for p in entries[:3])
+        parts.append(
+            f"decoded image caches in {images} ({len(entries)} entries, {total}; decoded again "
+            f"when needed, and freed only once no running training uses them), oldest first: "
+            f"{oldest}"
+        )
     examples = _on_device(subdirs(places.cache / "examples"), dev)
     if examples:
         total = human_size(sum(tree_size(p) for p in examples))

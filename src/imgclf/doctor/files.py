@@ -1,14 +1,16 @@
-"""The files imgclf wrote: feature-cache entries and the example data against the sha256 digests
-recorded when they were written, every run's `last.pt` (digest) and `model.safetensors` (it
-loads), and stale temporary files of interrupted atomic writes. A flipped byte or a half-written
-file otherwise surfaces much later, as a wrong result or a failed resume; only cache entries and
-stale temporaries are `removable`, since they are rebuilt on use — run files never are."""
+"""The files imgclf wrote: feature-cache entries, decode-once image-cache entries and the example
+data against the sha256 digests recorded when they were written, every run's `last.pt` (digest)
+and `model.safetensors` (it loads), and stale temporary files of interrupted atomic writes. A
+flipped byte or a half-written file otherwise surfaces much later, as a wrong result or a failed
+resume; only cache entries and stale temporaries are `removable`, since they are rebuilt on use —
+run files never are, nor a temporary folder whose `.owner` builder is alive on this host."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ FEATURE_FILES = ("x.npy", "y.npy", "ok.npy")
 # beside its target, the feature and example caches `mkdtemp(prefix=".{name}.")` folders.
 _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _TEMP_DIR = re.compile(r"^\..+\.[a-z0-9_]{8}$")
+# A builder's `host pid` inside its temporary folder (data/cache.py's ImageCache writes one).
+OWNER_FILE = ".owner"
 
 
 # feature cache --------------------------------------------------------------------------------
@@ -83,6 +87,90 @@ def _entry_problem(entry: Path) -> tuple[str | None, bool]:
         except (OSError, ValueError) as e:
             return f"{name} does not load ({e})", False
     return None, False
+
+
+# image cache ----------------------------------------------------------------------------------
+
+
+def check_image_cache(root: Path) -> list[Finding]:
+    """Every decode-once image cache entry: complete (ImageCache.read_meta) and its images.u8
+    against the sha256 in its meta.json, read in 1 MiB blocks (entries can be many GB)."""
+    if not root.is_dir():
+        return [Finding("image cache", "ok", f"none at {root}")]
+    from imgclf.data.cache import ImageCache
+
+    cache = ImageCache(root)
+    out, verified, hashed = [], [], 0
+    delete = (
+        "delete the entry (imgclf doctor --fix does); the next run needing it decodes the "
+        "images again"
+    )
+    for entry in subdirs(root):
+        why, nbytes = _image_entry_problem(cache, entry)
+        if why:
+            out.append(Finding("image cache", "problem", f"{entry}: {why}", delete, [entry], True))
+        else:
+            verified.append(entry)
+            hashed += nbytes
+    if verified or not out:
+        detail = (
+            f"{len(verified)} entries verified by sha256 "
+            f"({human_size(sum(map(tree_size, verified)))}; {human_size(hashed)} of pixels hashed)"
+        )
+        out.append(Finding("image cache", "ok", detail))
+    return out
+
+
+def _image_entry_problem(cache, entry: Path) -> tuple[str | None, int]:
+    """(what is wrong with an image cache entry or None, bytes of images.u8 hashed)."""
+    from imgclf.data.cache import CACHE_FORMAT, IMAGES_FILE, META_FILE, estimate_bytes
+
+    meta = cache.read_meta(entry.name)
+    if meta is None:  # incomplete or inconsistent: say which, as read_meta does not
+        return f"incomplete or inconsistent ({_image_meta_problem(entry)})", 0
+    digest = meta.get("sha256")
+    recorded = digest.get(IMAGES_FILE) if isinstance(digest, dict) else None
+    if not isinstance(recorded, str):
+        return f"{META_FILE} records no sha256 of {IMAGES_FILE} (format {CACHE_FORMAT} does)", 0
+    images = entry / IMAGES_FILE
+    try:
+        actual = file_sha256(images)
+    except OSError as e:
+        return f"{IMAGES_FILE} is unreadable ({e})", 0
+    nbytes = estimate_bytes(meta["n"], meta["stored"])
+    if actual != recorded:
+        return f"{IMAGES_FILE} does not match the sha256 recorded in {META_FILE}", nbytes
+    return None, nbytes
+
+
+def _image_meta_problem(entry: Path) -> str:
+    """Why ImageCache.read_meta refused an entry, in words."""
+    from imgclf.data.cache import CACHE_FORMAT, IMAGES_FILE, META_FILE, estimate_bytes
+
+    try:
+        meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"no {META_FILE}"
+    except (OSError, ValueError) as e:
+        return f"{META_FILE} is unreadable: {e}"
+    try:
+        n, s = int(meta["n"]), int(meta["stored"])
+        if meta["format"] != CACHE_FORMAT:
+            return f"format {meta['format']!r}, this imgclf reads {CACHE_FORMAT}"
+        if meta["key"] != entry.name:
+            return f"{META_FILE} belongs to key {meta['key']!r}"
+        if not len(meta["ok"]) == n == len(meta["reasons"]):
+            return f"{META_FILE} lists {len(meta['ok'])} images, not n={n}"
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{META_FILE} lacks or garbles {e}"
+    try:
+        size = (entry / IMAGES_FILE).stat().st_size
+    except OSError:
+        return f"no {IMAGES_FILE}"
+    want = estimate_bytes(n, s)
+    if size != want:
+        return f"{IMAGES_FILE} has {size} bytes, {n} images of {s} px need {want}"
+    return "a reader refused it"  # changed between the two reads
 
 
 # example data ---------------------------------------------------------------------------------
@@ -213,14 +301,18 @@ def _run_files(runs: Path) -> tuple[list[Path], list[Path]]:
 
 def check_temp_files(places: Places, stale_minutes: float, now: float) -> list[Finding]:
     """imgclf's temporary files and folders: stale ones (interrupted writes) can go, young ones
-    may belong to a live writer and stay."""
+    may belong to a live writer and stay, and so does, however old, a folder whose `.owner`
+    (an image cache build) names a process alive on this host."""
     found: dict[Path, Path] = {}
     for root, folders in ((places.runs, False), (places.manifests, False), (places.cache, True)):
         for path in _temp_paths(root, folders):
             found.setdefault(path.resolve(), path)
-    stale, young = [], []
+    stale, young, owned = [], [], []
     for path in found.values():
-        (stale if now - _newest_mtime(path) > stale_minutes * 60 else young).append(path)
+        if _owner_alive(path):
+            owned.append(path)
+        else:
+            (stale if now - _newest_mtime(path) > stale_minutes * 60 else young).append(path)
     out = []
     if stale:
         detail = (
@@ -235,6 +327,12 @@ def check_temp_files(places: Places, stale_minutes: float, now: float) -> list[F
             f"writer may still own them): {name_list(young)}"
         )
         out.append(Finding("temp files", "ok", detail, "", young))
+    if owned:
+        detail = (
+            f"{len(owned)} temporary folders of builds still running on this host "
+            f"({human_size(sum(map(tree_size, owned)))}) left alone: {name_list(owned)}"
+        )
+        out.append(Finding("temp files", "ok", detail, "", owned))
     if not out:
         where = f"{places.runs}, {places.manifests}, {places.cache}"
         out.append(Finding("temp files", "ok", f"none under {where}"))
@@ -260,6 +358,26 @@ def _temp_paths(root: Path, folders: bool) -> Iterator[Path]:
         for name in filenames:
             if _TEMP_FILE.match(name) and not (here / name).is_symlink():
                 yield here / name
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether a temporary folder's `.owner` (`host pid`) names a live process on this host.
+    No owner, another host (its processes cannot be checked from here) or a dead pid: False,
+    and the age rule decides."""
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there, not probe it
+        return False
+    try:
+        host, pid = (path / OWNER_FILE).read_text(encoding="utf-8").split()
+        if host != socket.gethostname() or int(pid) <= 0:  # 0 or -1 would probe many processes
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, under another user
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _newest_mtime(path: Path) -> float:

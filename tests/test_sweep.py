@@ -295,8 +295,9 @@ def test_sweep_file_mistakes_are_named_with_the_fix(tmp_path, manifest):
 
 CLAIMER = """
 import json, sys
-from imgclf.sweep.runner import Sweep, tell
+from imgclf.sweep.runner import Sweep
 from imgclf.sweep.spec import load_sweep
+from imgclf.sweep.trial import tell
 sweep = Sweep.open(load_sweep(sys.argv[1]))
 sweep.load()
 claimed = []

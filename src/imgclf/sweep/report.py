@@ -24,8 +24,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
-from imgclf.sweep.runner import display_url, open_storage
 from imgclf.sweep.spec import SWEEPS_DIR, default_storage, sweep_folder
+from imgclf.sweep.storage import display_url, open_storage
 
 
 def sweep_runs(runs_dir: str | Path, sweep_id: str) -> list[Path]:

@@ -98,16 +98,6 @@ def test_run_folder_is_complete(data, tmp_path):
     assert load_config(run / "config.yaml") == cfg
 
 
-def test_same_seed_twice_gives_identical_metrics_and_weights(data, tmp_path):
-    stages = "train.stages=[{epochs: 2, lr: 0.01}]"
-    a = train(cfg_for(data, tmp_path, stages), progress=False, log=lambda *_: None)
-    b = train(cfg_for(data, tmp_path, stages), progress=False, log=lambda *_: None)
-    assert metrics_without_time(a) == metrics_without_time(b)
-    assert same_weights(a, b)
-    c = train(cfg_for(data, tmp_path, stages, "seed=1"), progress=False, log=lambda *_: None)
-    assert not same_weights(a, c)
-
-
 @pytest.mark.parametrize("imbalance", ["weighted_loss", "sampler", "focal"])
 def test_imbalance_options_train(data, tmp_path, imbalance):
     cfg = cfg_for(data, tmp_path, f"train.imbalance={imbalance}", "train.stages=[{epochs: 1}]")

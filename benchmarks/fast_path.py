@@ -118,21 +118,25 @@ def conventional(args, folder: Path, workers: int, device) -> dict:
         drop_last=True,
         prefetch_factor=4 if workers else None,
     )
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     for _ in range(args.epochs):
         count = [0, lambda b: len(b[0])]
         for x, y in clock.watch(loader, count):
             x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(model, opt, x, y.to(device, non_blocking=True))
         clock.end_epoch(count[0])
     return clock.figures()
+
+
+def step(model, opt, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One plain PyTorch training step (bf16 autocast on a GPU)."""
+    cuda = x.device.type == "cuda"
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=cuda):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def imgclf_pipeline(args, folder: Path, cache: str, workers: int, device) -> dict:
@@ -215,16 +219,11 @@ def synthetic(args, device) -> dict:
     xs = [torch.randn(args.batch, 3, args.size, args.size, generator=g) for _ in range(4)]
     xs = [x.to(device).contiguous(memory_format=torch.channels_last) for x in xs]
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
     steps = max(args.steps_per_epoch, 2)
     for _ in range(args.epochs):
         count = [0, lambda b: args.batch]
         for x in clock.watch((xs[i % 4] for i in range(steps)), count):
-            with autocast:
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step(model, opt, x, y)
         clock.end_epoch(count[0])
     return clock.figures()
 

@@ -171,25 +171,20 @@ def check_disk(places: Places, min_free_gb: float) -> list[Finding]:
 def _deletable(places: Places, dev: int) -> str:
     """What of imgclf's own could go on the file system `dev`, with sizes."""
     parts = []
-    features = places.cache / "features"
-    entries = sorted(_on_device(subdirs(features), dev), key=lambda p: p.stat().st_mtime)
-    if entries:
-        total = human_size(sum(tree_size(p) for p in entries))
-        oldest = ", ".join(f"{p.name} ({human_size(tree_size(p))})" for p in entries[:3])
-        parts.append(
-            f"feature caches in {features} ({len(entries)} entries, {total}; recomputed when "
-            f"needed), oldest first: {oldest}"
-        )
-    images = places.cache / "images"
-    entries = sorted(_on_device(subdirs(images), dev), key=lambda p: p.stat().st_mtime)
-    if entries:
-        total = human_size(sum(tree_size(p) for p in entries))
-        oldest = ", ".join(f"{p.name} ({human_size(tree_size(p))})" for p in entries[:3])
-        parts.append(
-            f"decoded image caches in {images} ({len(entries)} entries, {total}; decoded again "
-            f"when needed, and freed only once no running training uses them), oldest first: "
-            f"{oldest}"
-        )
+    for folder, what in (
+        (places.cache / "features", "feature caches in {} ({}; recomputed when needed)"),
+        (
+            places.cache / "images",
+            "decoded image caches in {} ({}; decoded again when needed, and freed only once no "
+            "running training uses them)",
+        ),
+    ):
+        entries = sorted(_on_device(subdirs(folder), dev), key=lambda p: p.stat().st_mtime)
+        if entries:
+            total = human_size(sum(tree_size(p) for p in entries))
+            oldest = ", ".join(f"{p.name} ({human_size(tree_size(p))})" for p in entries[:3])
+            summary = what.format(folder, f"{len(entries)} entries, {total}")
+            parts.append(f"{summary}, oldest first: {oldest}")
     examples = _on_device(subdirs(places.cache / "examples"), dev)
     if examples:
         total = human_size(sum(tree_size(p) for p in examples))

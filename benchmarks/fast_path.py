@@ -292,8 +292,9 @@ def main() -> None:
     print("\n| pipeline | workers | first step s | cache build s | steady img/s | wall s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        workers = "–" if r["workers"] is None else r["workers"]
         print(
-            f"| {r['pipeline']} | {r['workers'] or '–'} | {r['first_step_s']:.1f} | "
+            f"| {r['pipeline']} | {workers} | {r['first_step_s']:.1f} | "
             f"{r.get('cache_build_s', 0):.1f} | {r['steady_images_per_s']:,.0f} | "
             f"{r['wall_s']:.1f} |"
         )

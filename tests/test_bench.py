@@ -35,7 +35,7 @@ def test_bench_train_runs_the_three_pipelines_and_builds_the_cache_once(tmp_path
 
 def test_bench_loader_tries_each_worker_count_and_recommends_one(tmp_path):
     data = fx.make_class_folder(tmp_path / "d", classes=("a", "b"), per_class=12, size=(40, 40))
-    args = [*TINY, f"data.root={data}", f"data.manifest={tmp_path / 'm'}"]
+    args = [data, *TINY, f"data.manifest={tmp_path / 'm'}"]  # DATA first, as data.root
     out = invoke("bench", "loader", *args, "--workers", "0,1", "--batches", 2)
     assert [r["workers"] for r in out["rows"]] == [0, 1]
     assert all(r["images_per_s"] > 0 for r in out["rows"])

@@ -12,7 +12,9 @@ from rich.console import Console
 console = Console()
 bench_app = typer.Typer(help="Measure the loader, the training pipelines and prediction.")
 
-ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML")]
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="run config YAML, or a data folder (data.root)")
+]
 Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value …")]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -22,6 +24,8 @@ def _config(config, overrides):
     from imgclf.config import load_config
 
     config, overrides = _split_config_arg(config, overrides)
+    if config is not None and config.is_dir():  # `imgclf bench loader DATA`: a folder of images
+        config, overrides = None, [f"data.root={config}", *overrides]
     return load_config(config, overrides)
 
 

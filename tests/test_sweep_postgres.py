@@ -155,3 +155,39 @@ def _kill_one_mid_trial(url: str, workers: dict[int, subprocess.Popen]) -> dict:
             raise AssertionError("a worker ended before any trial could be killed")
         time.sleep(0.1)
     raise AssertionError("no trial started in 180 s")
+
+
+OPENER = """
+import sys, time
+from imgclf.sweep.runner import run_sweep
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))  # every process past its imports: go together
+run_sweep(sys.argv[1], workers=0, log=lambda *_: None)
+"""
+
+
+def test_processes_creating_one_new_postgres_study_at_once_queue_each_slot_once(tmp_path, pg):
+    # The PostgreSQL twin of the SQLite race in faults/test_concurrent_writers.py: without the
+    # study's advisory lock, schema creation collides and slots are queued more than once.
+    url = pg.database("race")
+    spec = tmp_path / "race.yaml"
+    spec.write_text(
+        yaml.safe_dump({"storage": url, "parameters": {"seed": {"values": list(range(8))}}})
+    )
+    start = time.time() + 8  # imports take a few seconds per process
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, str(spec), str(start)],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)
+    trials = open_study("race", tmp_path / "runs", storage=url).get_trials()
+    assert sorted(t.user_attrs["key"] for t in trials) == [f"g{i}" for i in range(8)]
+    assert {t.state.name for t in trials} == {"WAITING"}
+    assert not any("duplicate_of" in t.user_attrs for t in trials)

@@ -52,7 +52,7 @@ class Sweep:
         self.storage = open_storage(url, spec.heartbeat, self._on_lost)
         self.study_id: int | None = None
         self.worker_exits: list[int] = []  # exit codes of the local worker processes
-        self._lock = StudyLock(url)  # re-entrant; nothing to take on a server database
+        self._lock = StudyLock(url)  # re-entrant; a file or advisory lock
 
     @classmethod
     def open(

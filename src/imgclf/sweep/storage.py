@@ -10,13 +10,16 @@ On SQLite every decision that reads the queue and then writes it — creating th
 claiming, failing stale or orphaned trials and queueing them again — holds one file lock beside
 the database (`study.db.lock`, taken through `StudyLock`): Python's sqlite3 reads outside
 transactions, so without it two processes could both create the schema, both queue a slot, or
-both fail and re-queue the same lost trial.
+both fail and re-queue the same lost trial. On PostgreSQL the same decisions hold a
+session-level advisory lock (`pg_advisory_lock`) keyed by the database URL, taken on a dedicated
+connection, so processes on any machine creating or queueing one study take turns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import sqlite3
 import warnings
 from pathlib import Path
@@ -36,11 +39,10 @@ def open_storage(
     from sqlalchemy.exc import SQLAlchemyError
 
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    lock = _lock_path(url)
     try:
-        # Two processes creating a new SQLite study at once both create its tables and stamp
-        # its schema version ("UNIQUE constraint failed: alembic_version"): one at a time.
-        with file_lock(lock) if lock else contextlib.nullcontext():
+        # Two processes creating a new study at once both create its tables and stamp its
+        # schema version ("UNIQUE constraint failed: alembic_version"): one at a time.
+        with StudyLock(url).held():
             if url.startswith("sqlite"):
                 engine_kwargs = {"connect_args": {"timeout": 60}}
                 database = _sqlite_path(url)
@@ -88,30 +90,84 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class StudyLock:
-    """Makes read-then-write decisions on the queue atomic on SQLite too (re-entrant).
+def _advisory_key(url: str) -> int:
+    """A stable signed 64-bit advisory lock key for a database URL (password left out)."""
+    digest = hashlib.sha256(f"imgclf.sweep:{display_url(url)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
-    PostgreSQL locks the row (SELECT … FOR UPDATE), but Python's sqlite3 runs that SELECT
-    outside any transaction, so two processes can both see WAITING and both claim the trial
-    (or both see a slot missing and both queue it). A file lock beside the database
-    serialises them (a SQLite study is on one machine).
+
+@contextlib.contextmanager
+def advisory_lock(url: str, timeout: float = 300.0):
+    """A PostgreSQL session-level advisory lock on its own connection (freed if the holder dies)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    key, where = _advisory_key(url), display_url(url)
+    engine = create_engine(url, poolclass=NullPool)  # never shared with Optuna's pool
+    con = None
+    try:
+        try:
+            con = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            # A holder that hangs must not hang every other worker forever.
+            con.execute(text(f"SET lock_timeout = '{int(timeout * 1000)}ms'"))
+            con.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        except SQLAlchemyError as e:
+            if getattr(e.orig, "pgcode", None) == "55P03":  # lock_not_available
+                raise ImgclfError(
+                    f"the sweep study lock on {where} (pg_advisory_lock {key}) was not free "
+                    f"in {timeout:.0f} s: another imgclf process holds it; find it with "
+                    "`SELECT pid FROM pg_locks WHERE locktype = 'advisory'`, stop that process "
+                    "(or `SELECT pg_terminate_backend(pid)`), then try again"
+                ) from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ImgclfError(f"cannot take the sweep study lock on {where}: {reason}") from e
+        try:
+            yield
+        finally:
+            with contextlib.suppress(SQLAlchemyError):  # a lost connection frees it anyway
+                con.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    finally:
+        if con is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                con.close()
+        engine.dispose()
+
+
+class StudyLock:
+    """Makes read-then-write decisions on the queue atomic (re-entrant).
+
+    Python's sqlite3 runs Optuna's SELECT … FOR UPDATE outside any transaction, so two
+    processes can both see WAITING and both claim the trial (or both see a slot missing and
+    both queue it); on any database, two processes creating one storage both create its
+    tables. A file lock beside a SQLite database (a SQLite study is on one machine), or a
+    PostgreSQL advisory lock on its own connection, serialises them.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = 300.0) -> None:
+        self.url, self.timeout = url, timeout
         self.path = _lock_path(url)
+        self._postgres = url.startswith("postgresql")
         self._depth = 0
+
+    def _take(self):
+        if self.path is not None:
+            return file_lock(self.path)
+        if self._postgres:
+            return advisory_lock(self.url, self.timeout)
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def held(self):
-        """Hold the lock; only the outermost holder takes the file lock (none on a server)."""
-        if self.path is None or self._depth:
+        """Hold the lock; only the outermost holder takes the file or advisory lock."""
+        if self._depth:
             self._depth += 1
             try:
                 yield
             finally:
                 self._depth -= 1
             return
-        with file_lock(self.path):
+        with self._take():
             self._depth += 1
             try:
                 yield

@@ -176,3 +176,38 @@ def test_resume_after_the_data_changed_lists_the_difference(tmp_path):
     # Forced, it continues on the changed data (the user's explicit choice).
     train(None, resume=run, force=True, progress=False, log=quiet)
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+def test_an_interrupt_soon_after_a_mid_epoch_resume_keeps_the_rest_of_the_epoch(
+    slow_data, tmp_path, monkeypatch
+):
+    """A resumed epoch's loader yields only the batches left; a stop then must still be seen
+    as mid-epoch (it once counted as the epoch's end, losing its remaining batches)."""
+    import imgclf.train.fit as fit_module
+
+    args = [*TINY, STAGES, f"data.root={slow_data}", f"data.manifest={tmp_path / 'm'}"]
+    ref = train(load_config(None, [*args, f"runs_dir={tmp_path / 'ref'}"]), progress=False,
+                log=quiet)  # fmt: skip
+    real_save, saves = fit_module.save_checkpoint, {"n": 0, "at": 0}
+
+    def save_then_interrupt(*a, **k):
+        out = real_save(*a, **k)
+        saves["n"] += 1
+        if saves["n"] == saves["at"]:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C once, right after this save
+        return out
+
+    monkeypatch.setattr(fit_module, "save_checkpoint", save_then_interrupt)
+    cfg = load_config(None, [*args, "train.checkpoint_every=1", f"runs_dir={tmp_path / 'r'}"])
+    saves["at"] = 8  # deep into epoch 1 (11 batches)
+    run = train(cfg, progress=False, log=quiet)
+    first = load_checkpoint(run / "checkpoints" / "last.pt")["fit"]
+    assert first["status"] == "interrupted" and first["epoch_state"]["batches"] >= 8
+    saves["n"], saves["at"] = 0, 1  # one batch after the resume: fewer left than done
+    train(None, resume=run, progress=False, log=quiet)
+    second = load_checkpoint(run / "checkpoints" / "last.pt")["fit"]
+    assert second["status"] == "interrupted" and second["epoch_state"] is not None, second
+    saves["at"] = -1
+    train(None, resume=run, progress=False, log=quiet)
+    assert metrics_without_time(run) == metrics_without_time(ref)
+    assert same_weights(run, ref)

@@ -115,7 +115,7 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
         _prepare_features(ctx)
         steps = ctx.features.steps_per_epoch(ctx.cfg.batch_size)
     else:
-        steps = math.ceil(len(ctx.train_loader) / ctx.cfg.accumulate)
+        steps = math.ceil(_epoch_batches(ctx, ctx.sampler.epoch) / ctx.cfg.accumulate)
     schedule = Schedule(optimizer, stage, steps)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -130,6 +130,8 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
     cfg = ctx.cfg
     epoch_state = EpochState(**state.epoch_state) if state.epoch_state else EpochState()
     state.epoch_state = None
+    total = _epoch_batches(ctx, state.global_epoch)
+    # A resumed epoch starts where it stopped: the loader then yields only the batches left.
     ctx.sampler.set_epoch(state.global_epoch, start=epoch_state.batches * cfg.batch_size)
     set_train_mode(ctx.raw_model, True, stage.bn)
 
@@ -143,7 +145,7 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
             ctx.progress(
                 f"stage {state.stage} epoch {state.epoch + 1}/{stage.epochs}",
                 es,
-                len(ctx.train_loader),
+                total,
             )
 
     with worker_deaths():
@@ -166,7 +168,7 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
             max_bad=cfg.max_bad_images,
             sync_every=1 if ctx.fabric.device.type == "cpu" else 25,
         )
-    if ctx.stop.requested and epoch_state.batches < len(ctx.train_loader):
+    if ctx.stop.requested and epoch_state.batches < total:
         state.epoch_state, state.status = asdict(epoch_state), "interrupted"
         _save(ctx, state, optimizer, schedule)
         return False
@@ -183,6 +185,13 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
         "images_per_s": round(epoch_state.seen / max(epoch_state.seconds, 1e-9), 1),
     }
     return _end_epoch(ctx, state, stage, optimizer, schedule, metrics, extra)
+
+
+def _epoch_batches(ctx: FitContext, epoch: int) -> int:
+    """Batches in a whole epoch (the loader's length from the epoch's start, whatever position
+    a resumed epoch left the sampler at)."""
+    ctx.sampler.set_epoch(epoch)
+    return len(ctx.train_loader)
 
 
 def _uses_cache(ctx: FitContext, stage: StageConfig) -> bool:

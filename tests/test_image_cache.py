@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.data import cache as cache_mod
+from imgclf.data import cache_build
 from imgclf.data.cache import (
     IMAGES_FILE,
     META_FILE,
@@ -70,7 +70,7 @@ def test_build_then_reuse_decodes_nothing(data, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("decoded an image although the entry was cached")
 
-    monkeypatch.setattr(cache_mod, "load_image", refuse)
+    monkeypatch.setattr(cache_build, "load_image", refuse)
     for mode in ("disk", "memory", "auto"):
         again = build(cache, data, mode=mode)
         assert again.build_seconds == 0.0 and again.key == first.key
@@ -315,8 +315,8 @@ def test_full_disk_is_a_clear_error(data, tmp_path, monkeypatch):
 
 def test_too_little_free_space_fails_before_decoding(data, tmp_path, monkeypatch):
     free = shutil.disk_usage(tmp_path)._replace(free=estimate_bytes(9, 27) - 1)
-    monkeypatch.setattr(cache_mod.shutil, "disk_usage", lambda p: free)
-    monkeypatch.setattr(cache_mod, "load_image", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr(cache_build.shutil, "disk_usage", lambda p: free)
+    monkeypatch.setattr(cache_build, "load_image", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(ImgclfError, match=r"data\.cache=none"):
         build(ImageCache(tmp_path / "c"), data)
 

@@ -15,40 +15,34 @@ output pixel for pixel, which is why `size` is part of the key and not only `sto
 
 An entry is `<root>/<key>/images.u8` (raw N×S×S×3 uint8, C order, no header) and `meta.json`
 (format, n, stored, size, interpolation, ok, reasons, paths digest, sha256 of images.u8). It
-is written in a temporary folder `.<key>.XXXXXXXX` beside it (images through a memory-mapped,
-preallocated file) and renamed into place, so a crash never leaves an entry that looks
-complete; a builder that loses a race for the same key uses the winner's entry.
+is written by `imgclf.data.cache_build` in a temporary folder `.<key>.XXXXXXXX` beside it
+(images through a memory-mapped, preallocated file) and renamed into place, so a crash never
+leaves an entry that looks complete; a builder that loses a race for the same key uses the
+winner's entry.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import shutil
-import socket
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLoadError, load_image
+from imgclf.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, file_sha256
 
 CACHE_FORMAT = 1
 IMAGES_FILE = "images.u8"
 META_FILE = "meta.json"
 MODES = ("auto", "memory", "disk")
-_OWNER_FILE = ".owner"  # host and pid of the builder, inside its temporary folder only
 _MEMORY_CAP = 16 * 2**30
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -154,7 +148,7 @@ def cache_key(rel_paths: Sequence[str], data_version: str, spec: CacheSpec) -> s
         "size_hint": spec.hint,
     }
     h = hashlib.sha256(json.dumps(parts, sort_keys=True).encode())
-    h.update(b"\0" + _paths_digest(rel_paths).encode())
+    h.update(b"\0" + paths_digest(rel_paths).encode())
     return h.hexdigest()[:24]
 
 
@@ -219,7 +213,10 @@ class ImageCache:
             return found
         t0 = time.perf_counter()
         paths = [os.path.join(os.fspath(data_root), p) for p in rel_paths]
-        self._build(key, paths, rel_paths, data_version, spec, workers, progress, log)
+        # Imported here: the builder imports this module for the entry's format.
+        from imgclf.data.cache_build import build_entry
+
+        build_entry(self, key, paths, rel_paths, data_version, spec, workers, progress, log)
         seconds = time.perf_counter() - t0
         built = self.open(key, mode=mode, log=log)
         if built is None:
@@ -278,56 +275,8 @@ class ImageCache:
             return None
         return meta if good else None
 
-    # ------------------------------------------------------------------ building
-
-    def _build(
-        self,
-        key: str,
-        paths: list[str],
-        rel_paths: Sequence[str],
-        data_version: str,
-        spec: CacheSpec,
-        workers: int | None,
-        progress: bool,
-        log: Log | None,
-    ) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._discard(key)
-        n, nbytes = len(paths), estimate_bytes(len(paths), spec.stored)
-        _check_free_space(self.root, nbytes)
-        if log:
-            log(f"caching {n} decoded images at {spec.stored} px ({_gib(nbytes)}) in {self.root}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-        try:
-            (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()}\n{os.getpid()}\n")
-            file = tmp / IMAGES_FILE
-            _allocate(file, nbytes, self.root)
-            reasons = _decode_all(file, paths, spec, workers, progress)
-            meta = {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "n": n,
-                "stored": spec.stored,
-                "layout": "NHWC uint8",
-                **{k: v for k, v in asdict(spec).items() if k != "size_hint"},
-                "size_hint": spec.hint,
-                "data_version": data_version,
-                "paths_sha256": _paths_digest(rel_paths),
-                "ok": [not r for r in reasons],
-                "reasons": reasons,
-                "sha256": {IMAGES_FILE: file_sha256(file)},
-            }
-            atomic_write_json(tmp / META_FILE, meta)
-            (tmp / _OWNER_FILE).unlink()
-            self._publish(tmp, key)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if log:
-            bad = sum(map(bool, reasons))
-            log(f"cached {n} images ({bad} could not be loaded) as {self.root / key}")
-
     def _publish(self, tmp: Path, key: str) -> None:
+        """Rename a finished build into place; losing that race to another builder is fine."""
         try:
             os.replace(tmp, self.root / key)
         except OSError:
@@ -336,71 +285,11 @@ class ImageCache:
             if self.read_meta(key) is None:
                 raise
 
-    def _discard(self, key: str) -> None:
-        """Remove what would block a rebuild: an invalid entry, dead builders' folders."""
-        folder = self.root / key
-        if folder.exists() and self.read_meta(key) is None:
-            # Renamed away first so no reader ever sees it half-deleted.
-            trash = tempfile.mkdtemp(prefix=f".{key}.", dir=self.root)
-            with contextlib.suppress(OSError):  # another builder moved it already
-                os.replace(folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        for tmp in self.root.glob(f".{key}.*"):
-            if tmp.is_dir() and _owner_is_dead(tmp / _OWNER_FILE):
-                shutil.rmtree(tmp, ignore_errors=True)
 
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _paths_digest(rel_paths: Iterable[str]) -> str:
+def paths_digest(rel_paths: Iterable[str]) -> str:
+    """sha256 of the exact image path list, in order."""
     # JSON, not "\n".join: a file name may itself contain a newline.
     return hashlib.sha256(json.dumps(list(rel_paths), ensure_ascii=False).encode()).hexdigest()
-
-
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
-
-
-def _no_space(root: Path, nbytes: int, detail: str) -> ImgclfError:
-    return ImgclfError(
-        f"no space left for the image cache in {root}: it needs {_gib(nbytes)} ({detail}); "
-        "free space there, set IMGCLF_CACHE to a disk with room, or turn the cache off with "
-        "data.cache=none"
-    )
-
-
-def _check_free_space(root: Path, nbytes: int) -> None:
-    free = shutil.disk_usage(root).free
-    if nbytes > free:
-        raise _no_space(root, nbytes, f"{_gib(free)} free")
-
-
-def _allocate(file: Path, nbytes: int, root: Path) -> None:
-    """Reserve every block now: a full disk under a memory map is SIGBUS, not an error."""
-    try:
-        with open(file, "wb") as f:
-            if nbytes and hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(f.fileno(), 0, nbytes)
-            else:
-                f.truncate(nbytes)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise _no_space(root, nbytes, os.strerror(e.errno)) from e
-        raise
-
-
-def _owner_is_dead(owner: Path) -> bool:
-    try:
-        host, pid = owner.read_text().split()
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False  # no owner recorded, or alive under another user: leave it
-    return False
 
 
 def _read_into_ram(file: Path, shape: tuple[int, ...], log: Log | None):
@@ -422,68 +311,3 @@ def _read_into_ram(file: Path, shape: tuple[int, ...], log: Log | None):
                 raise ImgclfError(f"{file} is shorter than its meta.json says; delete it")
             done += got
     return images
-
-
-# ---------------------------------------------------------------------- decoding
-
-_Job = tuple[str, int, CacheSpec, list[tuple[int, str]]]
-
-
-def decode_chunk(job: _Job) -> list[tuple[int, str]]:
-    """Worker: decode a chunk of images into the memory-mapped file; (index, reason) each."""
-    file, n, spec, items = job
-    s = spec.stored
-    out = np.memmap(file, dtype=np.uint8, mode="r+", shape=(n, s, s, 3))
-    results = []
-    for i, path in items:
-        try:
-            image = load_image(
-                path, max_pixels=spec.max_pixels, min_side=spec.min_side, size_hint=spec.hint
-            )
-        except ImageLoadError as e:
-            results.append((i, e.kind + (f": {e.detail}" if e.detail else "")))
-            continue
-        out[i] = square_pixels(image, spec)
-        results.append((i, ""))
-    del out  # unmapped; the parent fsyncs the file once
-    return results
-
-
-def _decode_all(
-    file: Path, paths: list[str], spec: CacheSpec, workers: int | None, progress: bool
-) -> list[str]:
-    n = len(paths)
-    if not n:
-        return []
-    procs = (os.cpu_count() or 1) if workers is None else workers
-    if workers is None and n < 64:  # a pool costs more than it saves on a handful of files
-        procs = 0
-    chunk = max(1, min(64, n // (max(procs, 1) * 8)))
-    items = list(enumerate(paths))
-    jobs = [(str(file), n, spec, items[i : i + chunk]) for i in range(0, n, chunk)]
-    reasons = [""] * n
-    if procs <= 1:
-        done: Iterator[list] = map(decode_chunk, jobs)
-        for i, reason in _with_progress(done, n, progress):
-            reasons[i] = reason
-    else:
-        with ProcessPoolExecutor(max_workers=procs) as pool:
-            for i, reason in _with_progress(pool.map(decode_chunk, jobs), n, progress):
-                reasons[i] = reason
-    with open(file, "rb+") as f:
-        os.fsync(f.fileno())
-    return reasons
-
-
-def _with_progress(chunks: Iterator[list], total: int, show: bool) -> Iterator[tuple[int, str]]:
-    if not show:
-        for results in chunks:
-            yield from results
-        return
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("caching images", total=total)
-        for results in chunks:
-            bar.advance(task, len(results))
-            yield from results

@@ -11,10 +11,10 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgclf.errors import ImgclfError
 
@@ -76,11 +76,17 @@ class DataConfig(_Strict):
     cache_memory_gb: float | None = Field(
         None, gt=0, description="auto's RAM budget; None: a quarter of RAM, at most 16 GiB"
     )
-    cache_device: Literal["auto", "cpu", "cuda"] = Field(
+    cache_device: Literal["auto", "host", "device"] = Field(
         "auto",
-        description="where cached pixels live; auto: the GPU when they fit a quarter of "
-        "its free memory",
+        description="where cached pixels are read from: device (the model's, GPU or CPU), host "
+        "(RAM or the memory map, copied per batch); auto: the GPU when they fit a quarter of its "
+        "free memory, else host",
     )
+
+    @field_validator("cache_device", mode="before")
+    @classmethod
+    def _old_cache_device_names(cls, v):
+        return {"cpu": "host", "cuda": "device"}.get(v, v)  # the names before host / device
 
 
 class HeadConfig(_Strict):
@@ -219,7 +225,11 @@ class EarlyStopping(_Strict):
 class TrainConfig(_Strict):
     batch_size: int = Field(64, ge=1, description="the global batch: all processes together")
     eval_batch_size: int | None = Field(None, ge=1)
-    workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="DataLoader worker processes; auto: from the cores this process may use "
+        "and the processes sharing them, 0 below 512 training images (see environment.json)",
+    )
     augment: AugmentConfig = AugmentConfig()
     imbalance: Literal["none", "weighted_loss", "sampler", "focal"] = "none"
     focal_gamma: float = Field(2.0, ge=0)

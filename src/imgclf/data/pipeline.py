@@ -9,7 +9,13 @@ import torch
 from imgclf.config import RunConfig
 from imgclf.data.batch_aug import BatchAugment
 from imgclf.data.cached_loader import CachedBatches, open_caches, place
-from imgclf.data.loaders import EpochSampler, ManifestDataset, balanced_weights, make_loader
+from imgclf.data.loaders import (
+    EpochSampler,
+    ManifestDataset,
+    balanced_weights,
+    make_loader,
+    resolve_workers,
+)
 from imgclf.data.manifest import Manifest
 from imgclf.data.transforms import eval_transform, resolve_augment, train_transform
 from imgclf.errors import ImgclfError
@@ -69,10 +75,11 @@ def build_loaders(
         train_cache, val_cache = open_caches(
             cfg, manifest, [train_ds, val_ds], pre, log=log, progress=progress
         )
-        place([train_cache, val_cache], cfg.data.cache_device, device, log)
+        placement = place([train_cache, val_cache], cfg.data.cache_device, device, log)
         augment = BatchAugment(resolve_augment(t.augment), size, pre.mean, pre.std,
                                pre.interpolation)  # fmt: skip
-        batches = {"augment": augment, "device": device, "channels_last": channels_last}
+        batches = {"augment": augment, "device": device, "channels_last": channels_last,
+                   "placement": placement}  # fmt: skip
         train_loader = CachedBatches(
             train_cache, train_ds.targets, t.batch_size // world, sampler=sampler,
             drop_last=len(train_ds) > t.batch_size, dataset=train_ds, **batches,
@@ -83,16 +90,18 @@ def build_loaders(
         )  # fmt: skip
         return train_loader, sampler, val_loader
     pin = torch.cuda.is_available()
+    device_type = device.type if device is not None else ("cuda" if pin else "cpu")
+    workers = resolve_workers(t.workers, len(train_ds), device_type, world)["workers"]
     # A last batch of one or two images makes BatchNorm statistics meaningless: drop it.
     train_loader = make_loader(
         train_ds,
         t.batch_size // world,
-        workers=t.workers,
+        workers=workers,
         sampler=sampler,
         pin_memory=pin,
         drop_last=len(train_ds) > t.batch_size,
     )
     val_loader = make_loader(
-        val_ds, (t.eval_batch_size or t.batch_size) // world, workers=t.workers, pin_memory=pin
+        val_ds, (t.eval_batch_size or t.batch_size) // world, workers=workers, pin_memory=pin
     )
     return train_loader, sampler, val_loader

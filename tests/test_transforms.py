@@ -4,9 +4,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from imgclf.config import AugmentConfig
-from imgclf.data.transforms import PRESETS, eval_transform, resolve_augment, train_transform
+from imgclf.data.transforms import (
+    PRESETS,
+    ColourJitter,
+    ToNormalised,
+    apply_colour_steps,
+    colour_steps,
+    eval_transform,
+    resolve_augment,
+    train_transform,
+)
 from imgclf.errors import ImgclfError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -185,12 +196,75 @@ def test_strong_pipeline_order_geometric_then_colour_then_tensor_ops():
         "RandomResizedCrop",
         "RandomHorizontalFlip",
         "RandomAffine",
-        "ColorJitter",
-        "ToImage",
-        "ToDtype",
-        "GaussianNoise",
-        "Normalize",
+        "ToNormalised",  # float → colour jitter → noise → Normalize, at the output size
         "RandomErasing",
         "ToPureTensor",
     ]
+    tail = t.transforms[3]
+    assert tail.jitter is not None and tail.jitter.j == 0.4 and tail.noise == 0.03
     assert t.transforms[2].fill  # fill is set (uint8 mean colour), before Normalize
+
+
+def test_to_normalised_computes_torchvisions_values_exactly():
+    """The lean tail (no v2 dispatch) against ToImage → ToDtype → GaussianNoise → Normalize,
+    bit for bit, noise drawn from the same seed."""
+    img = _noise_image(37, 23)
+    reference = v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    )
+    assert torch.equal(ToNormalised(MEAN, STD)(img), reference(img).as_subclass(torch.Tensor))
+    noisy = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.GaussianNoise(sigma=0.05, clip=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
+    torch.manual_seed(5)
+    ours = ToNormalised(MEAN, STD, noise=0.05)(img)
+    torch.manual_seed(5)
+    assert torch.equal(ours, noisy(img).as_subclass(torch.Tensor))
+    gray = img.convert("L")  # any mode is taken as RGB, like v2.ToImage after convert
+    assert torch.equal(ToNormalised(MEAN, STD)(gray), ToNormalised(MEAN, STD)(gray.convert("RGB")))
+
+
+def test_colour_jitter_draws_as_torchvision_and_blends_as_torchvision():
+    """Same factors and order as ColorJitter(j, j, j, j/4) for a seed; brightness, contrast
+    and saturation applied as torchvision's float kernels; hue a YIQ rotation (the batch
+    path's), which keeps luma and turns red towards yellow for a positive factor."""
+    jitter = ColourJitter(0.4)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        order, factors = jitter.draw()
+        torch.manual_seed(seed)
+        params = v2.ColorJitter(0.4, 0.4, 0.4, 0.1).make_params([])
+        assert order.tolist() == params["fn_idx"].tolist()
+        names = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")
+        assert factors == [params[n] for n in names]
+    x = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out = jitter(x.clone())
+    torch.manual_seed(1)
+    order, factors = jitter.draw()
+    expected = x.clone()
+    steps = {0: F.adjust_brightness, 1: F.adjust_contrast, 2: F.adjust_saturation}
+    for op in order.tolist():
+        if op == 3:
+            # Hue: rebuild its effect from the shared rotation, then compare all together.
+            hue_only = colour_steps(
+                np.array([[1.0, 1.0, 1.0, factors[3]]]), np.array([[3, 0, 1, 2]])
+            )
+            expected = apply_colour_steps(
+                expected[None], torch.from_numpy(hue_only.astype(np.float32)), [False] * 4
+            )[0]
+        else:
+            expected = steps[op](expected, factors[op])
+    assert torch.allclose(out, expected, atol=1e-5)
+    red = torch.tensor([0.6, 0.4, 0.4]).view(3, 1, 1).expand(3, 4, 4)
+    turn = colour_steps(np.array([[1.0, 1.0, 1.0, 1 / 6]]), np.array([[3, 0, 1, 2]]))
+    r, g, b = apply_colour_steps(red[None], torch.from_numpy(turn.astype(np.float32)),
+                                 [False] * 4)[0, :, 0, 0].tolist()  # fmt: skip
+    assert r > b + 0.1 and g > b + 0.1
+    luma = torch.tensor([0.299, 0.587, 0.114])
+    assert abs(luma @ torch.tensor([r, g, b]) - luma @ torch.tensor([0.6, 0.4, 0.4])) < 1e-3

@@ -43,7 +43,14 @@ from PIL import Image, ImageDraw
 from imgclf.config import AugmentConfig
 from imgclf.data.cache import CacheSpec, center_anchor, square_pixels
 from imgclf.data.preview import _font, _text_width, to_pil
-from imgclf.data.transforms import _fill, _interpolation, resolve_augment, train_transform
+from imgclf.data.transforms import (
+    _fill,
+    _interpolation,
+    apply_colour_steps,
+    colour_steps,
+    resolve_augment,
+    train_transform,
+)
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes
 
@@ -59,8 +66,6 @@ _THETA, _SCALE, _SHIFT, _FLIPS, _COLOUR, _BOX = (
     slice(0, 6), slice(6, 8), slice(8, 10), slice(10, 12), slice(12, 52), slice(52, 56),
 )  # fmt: skip
 _CROP_RATIO, _ERASE_SCALE, _ERASE_RATIO = (3 / 4, 4 / 3), (0.02, 0.33), (0.3, 3.3)
-_GRAY = np.array([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
-_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _PAD = 4
 
 
@@ -218,15 +223,7 @@ class BatchAugment:
 
     def _jitter(self, x: torch.Tensor, p: AugParams, table: torch.Tensor) -> torch.Tensor:
         steps = table[:, _COLOUR].view(-1, 4, 10)
-        gray = self._constants(x.device)["gray"]
-        for k in range(4):
-            matrix, offset = steps[:, k, :9].view(-1, 3, 3), steps[:, k, 9]
-            y = torch.einsum("bij,bjhw->bihw", matrix, x)
-            if bool((p.jitter_order[:, k] == 1).any()):  # contrast: blend with the mean gray
-                mean_gray = (x.mean(dim=(2, 3), keepdim=True) * gray).sum(1, keepdim=True)
-                y = y.add_(offset.view(-1, 1, 1, 1) * mean_gray)
-            x = y.clamp_(0, 1)
-        return x
+        return apply_colour_steps(x, steps, (p.jitter_order == 1).any(0).tolist())
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize exactly as torchvision does (subtract, then divide), then the layout."""
@@ -234,9 +231,9 @@ class BatchAugment:
         return x.sub(c["mean"]).div_(c["std"]).contiguous(memory_format=self.memory_format)
 
     def _constants(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """mean, std, fill (0–255) and gray weights as [1, 3, 1, 1], copied to `device` once."""
+        """mean, std and fill (0–255) as [1, 3, 1, 1], copied to `device` once."""
         if device not in self._on_device:
-            values = {"mean": self.mean, "std": self.std, "fill": self.fill, "gray": _GRAY}
+            values = {"mean": self.mean, "std": self.std, "fill": self.fill}
             self._on_device[device] = {
                 k: torch.as_tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
                 for k, v in values.items()
@@ -312,24 +309,8 @@ def _affine_theta(p: AugParams, size: int) -> np.ndarray:
 
 
 def _colour_steps(p: AugParams) -> np.ndarray:
-    """[B, 4, 10]: per step, in the sample's order, a 3×3 colour matrix and the coefficient of
-    the current mean gray (contrast). Brightness, contrast, saturation are torchvision's blends;
-    hue rotates YIQ's chroma plane (the sign makes +h turn red towards yellow, as in HSV)."""
-    f, n = _np(p.jitter), len(p.jitter)
-    eye = np.eye(3)
-    ops = np.zeros((n, 4, 10))
-    ops[:, 0, :9] = (f[:, 0, None, None] * eye).reshape(n, 9)
-    ops[:, 1, :9] = (f[:, 1, None, None] * eye).reshape(n, 9)
-    ops[:, 1, 9] = 1 - f[:, 1]
-    s = f[:, 2, None, None]
-    ops[:, 2, :9] = (s * eye + (1 - s) * np.outer(np.ones(3), _GRAY)).reshape(n, 9)
-    t = -2 * math.pi * f[:, 3]
-    rot = np.zeros((n, 3, 3))
-    rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, np.cos(t), np.cos(t)
-    rot[:, 1, 2], rot[:, 2, 1] = -np.sin(t), np.sin(t)
-    ops[:, 3, :9] = (np.linalg.inv(_YIQ) @ rot @ _YIQ).reshape(n, 9)
-    order = p.jitter_order.numpy().astype(np.int64)
-    return np.take_along_axis(ops, order[:, :, None], 1)
+    """[B, 4, 10]: the samples' colour steps in their own order (`transforms.colour_steps`)."""
+    return colour_steps(_np(p.jitter), p.jitter_order.numpy())
 
 
 def _inside(a: torch.Tensor, size: int, hard: bool) -> torch.Tensor:

@@ -1,14 +1,16 @@
 """Datasets, samplers and DataLoaders over a manifest.
 
 Reproducibility comes from the sampler, not from worker start-up: the sampler yields
-(index, sample_seed) pairs, and each image is augmented under its own seed inside a forked RNG.
+(index, sample_seed) pairs, and each image is augmented under its own seed (`seeded_cpu_rng`).
 So the augmentation of image i in epoch e is the same whatever the worker count, and a run
 resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +60,28 @@ class ManifestDataset(Dataset):
             return BadSample(index, str(e))
         if seed is None:
             return self.transform(image), self.targets[index], index
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_cpu_rng(seed):
             return self.transform(image), self.targets[index], index
+
+
+@contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Run the CPU transforms under `seed`, leaving the global CPU generator as it was.
+
+    The transforms draw only from torch's default CPU generator, so that is all this seeds:
+    `torch.manual_seed` also seeds every CUDA device, and before CUDA is initialised it queues
+    that call with a formatted stack trace each time (~0.5 ms per image), and `fork_rng` copies
+    device states too. Saving and restoring the one state keeps the main process's draws
+    (dropout, MixUp) unaffected with workers=0; the values drawn are those of
+    `torch.manual_seed(seed)`.
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
 
 
 class EpochSampler(Sampler):
@@ -110,6 +131,42 @@ class EpochSampler(Sampler):
         return rest // self.global_batch * self.global_batch // self.world
 
 
+AUTO_WORKERS_MIN_IMAGES = 512  # below this, starting workers costs more than they save
+AUTO_WORKERS_MAX = 16
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask or cgroup share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(
+    setting: int | str, images: int, device_type: str, processes: int = 1
+) -> dict[str, int | str]:
+    """`train.workers` as a number, with what it was derived from (saved in environment.json).
+
+    auto: the cores this process may use, shared between the training processes on this machine
+    (torchrun's LOCAL_WORLD_SIZE); on a GPU all of them but one (the main process feeds the
+    GPU), at most 16; on a CPU half of them, at most 4 (the model's own threads need the rest);
+    0 below 512 training images, where starting the workers costs more than they save.
+    """
+    cores = usable_cores()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes) or 1)
+    share = max(1, cores // max(local, 1))
+    if setting != "auto":
+        workers = int(setting)
+    elif images < AUTO_WORKERS_MIN_IMAGES:
+        workers = 0
+    elif device_type == "cuda":
+        workers = min(AUTO_WORKERS_MAX, max(1, share - 1))
+    else:
+        workers = min(4, max(1, share // 2))
+    return {"setting": setting, "workers": workers, "cores": cores, "processes_here": local}
+
+
 def balanced_weights(targets: Sequence[int], num_classes: int) -> list[float]:
     """Per-sample weights 1 / class count: every class equally likely per draw."""
     counts = torch.bincount(torch.as_tensor(targets), minlength=num_classes).double()
@@ -147,7 +204,9 @@ def make_loader(
         collate_fn=collate,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=False,
+        # Workers stay up between epochs (start-up is paid once; the sampler, which decides
+        # every epoch's order, lives in this process anyway).
+        persistent_workers=bool(workers),
         # Its own generator: creating an epoch's iterator must not draw from the global RNG,
         # or a run resumed mid-epoch would see different dropout / mixup draws.
         generator=torch.Generator().manual_seed(0),

@@ -14,18 +14,28 @@ vflip is 0 in every preset. color_jitter j means brightness, contrast and satura
 shear s shears both axes by up to ±s degrees; translate t shifts by up to t × the side; erasing is
 the probability of one RandomErasing box; noise is the Gaussian std on the 0–1 scale.
 
-Order: geometric transforms on the PIL / uint8 image (crop → flips → RandomAffine), then colour
-jitter, then ToImage → float in [0, 1] → Gaussian noise (clipped to [0, 1]) → Normalize →
+Order: geometric transforms on the PIL image (crop → flips → RandomAffine), so everything after
+the crop works at the training resolution, never on the full-size photo; then `ToNormalised`:
+float in [0, 1] → colour jitter → Gaussian noise (clipped to [0, 1]) → Normalize; then
 RandomErasing (value 0, i.e. the mean). The affine fill (black, white or the dataset mean) is
 applied before normalisation, so a rotated digit keeps a truly black background.
+
+Colour jitter draws its factors and order as torchvision's ColorJitter does, and applies them on
+the float image exactly as the batch path (`data/batch_aug.py`) does, through the same
+`colour_steps`: brightness, contrast and saturation are torchvision's blends, hue rotates the
+chroma plane of YIQ instead of shifting HSV's hue (PIL's HSV round trip costs about 2 ms per
+224-px image, more than all the rest of the pipeline; the rotation is a 3×3 matrix).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from imgclf.config import AugmentConfig
@@ -112,14 +122,98 @@ def _resize_crop(size: int, crop_pct: float, mode: InterpolationMode) -> list[Ca
     return [v2.Resize(round(size / crop_pct), interpolation=mode), v2.CenterCrop(size)]
 
 
-def _to_normalised(
-    mean: Sequence[float], std: Sequence[float], noise: float = 0.0
-) -> list[Callable]:
-    steps: list[Callable] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if noise:
-        steps.append(v2.GaussianNoise(sigma=noise, clip=True))
-    steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-    return steps
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_steps(factors: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """[B, 4, 10] from factors [B, 4] (brightness, contrast, saturation, hue) and each sample's
+    order [B, 4] (ColorJitter's ids): per step, in that order, a 3×3 colour matrix and the
+    coefficient of the current mean gray (contrast). Brightness, contrast and saturation are
+    torchvision's blends; hue rotates YIQ's chroma plane (the sign makes +h turn red towards
+    yellow, as in HSV)."""
+    f, n = np.asarray(factors, dtype=np.float64), len(factors)
+    eye = np.eye(3)
+    ops = np.zeros((n, 4, 10))
+    ops[:, 0, :9] = (f[:, 0, None, None] * eye).reshape(n, 9)
+    ops[:, 1, :9] = (f[:, 1, None, None] * eye).reshape(n, 9)
+    ops[:, 1, 9] = 1 - f[:, 1]
+    s = f[:, 2, None, None]
+    ops[:, 2, :9] = (s * eye + (1 - s) * np.outer(np.ones(3), GRAY)).reshape(n, 9)
+    t = -2 * math.pi * f[:, 3]
+    rot = np.zeros((n, 3, 3))
+    rot[:, 0, 0], rot[:, 1, 1], rot[:, 2, 2] = 1, np.cos(t), np.cos(t)
+    rot[:, 1, 2], rot[:, 2, 1] = -np.sin(t), np.sin(t)
+    ops[:, 3, :9] = (np.linalg.inv(_YIQ) @ rot @ _YIQ).reshape(n, 9)
+    return np.take_along_axis(ops, np.asarray(order, dtype=np.int64)[:, :, None], 1)
+
+
+def apply_colour_steps(x: torch.Tensor, steps: torch.Tensor, contrast: Sequence[bool]):
+    """Float images [B, 3, H, W] in [0, 1] through `colour_steps` (on x's device), each step
+    clamped to [0, 1] as torchvision's float kernels do; `contrast[k]`: some sample's step k is
+    the contrast blend (only then is the mean gray computed)."""
+    gray = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    for k in range(4):
+        matrix, offset = steps[:, k, :9].view(-1, 3, 3), steps[:, k, 9]
+        y = torch.einsum("bij,bjhw->bihw", matrix, x)
+        if contrast[k]:
+            mean_gray = (x.mean(dim=(2, 3), keepdim=True) * gray).sum(1, keepdim=True)
+            y = y.add_(offset.view(-1, 1, 1, 1) * mean_gray)
+        x = y.clamp_(0, 1)
+    return x
+
+
+class ColourJitter:
+    """ColorJitter(j, j, j, j / 4)'s draws from torch's global RNG (a random order, then the
+    factors), applied to one float image in [0, 1] by `apply_colour_steps`."""
+
+    def __init__(self, j: float) -> None:
+        self.j = float(j)
+
+    def draw(self) -> tuple[torch.Tensor, list[float]]:
+        """(order, [brightness, contrast, saturation, hue]), drawn as ColorJitter draws them."""
+        j, lo = self.j, max(0.0, 1 - self.j)
+        order = torch.randperm(4)
+        factors = [float(torch.empty(1).uniform_(lo, 1 + j)) for _ in range(3)]
+        factors.append(float(torch.empty(1).uniform_(-j / 4, j / 4)))
+        return order, factors
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        order, factors = self.draw()
+        steps = colour_steps(np.array([factors]), order.numpy()[None])
+        matrices = torch.from_numpy(steps.astype(np.float32))
+        return apply_colour_steps(x[None], matrices, (order == 1).tolist())[0]
+
+
+class ToNormalised:
+    """PIL RGB image → normalised float tensor [3, H, W]: what ToImage, ToDtype(scale=True),
+    [colour jitter], [GaussianNoise(clip=True)] and Normalize compute, value for value, without
+    v2's per-transform dispatch (a third of a light pipeline's cost at 224 px)."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        jitter: float = 0.0,
+        noise: float = 0.0,
+    ) -> None:
+        self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+        self.jitter = ColourJitter(jitter) if jitter else None
+        self.noise = float(noise)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):  # uint8 [3, H, W], as v2.ToImage would give
+            pixels = image
+        else:
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # one copy, HWC → CHW
+        x = pixels.to(torch.float32).mul_(1.0 / 255)
+        if self.jitter is not None:
+            x = self.jitter(x)
+        if self.noise:
+            x = (x + torch.randn_like(x) * self.noise).clamp_(0, 1)
+        return x.sub_(self.mean).div_(self.std)
 
 
 def eval_transform(
@@ -131,9 +225,7 @@ def eval_transform(
 ) -> Callable:
     """Resize the short side to round(size / crop_pct), center-crop size × size, normalise."""
     mode = _interpolation(interpolation)
-    return v2.Compose(
-        [*_resize_crop(size, crop_pct, mode), *_to_normalised(mean, std), v2.ToPureTensor()]
-    )
+    return v2.Compose([*_resize_crop(size, crop_pct, mode), ToNormalised(mean, std)])
 
 
 def train_transform(
@@ -165,14 +257,10 @@ def train_transform(
                 fill=_fill(r["fill"], mean),
             )
         )
-    if r["color_jitter"]:
-        j = r["color_jitter"]
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j, hue=j / 4))
-    steps += _to_normalised(mean, std, r["noise"])
+    steps.append(ToNormalised(mean, std, jitter=r["color_jitter"], noise=r["noise"]))
     if r["erasing"]:
         # value 0 after Normalize is the dataset mean: the erased box carries no colour signal.
-        steps.append(v2.RandomErasing(p=r["erasing"], value=0))
-    steps.append(v2.ToPureTensor())
+        steps += [v2.RandomErasing(p=r["erasing"], value=0), v2.ToPureTensor()]
     return v2.Compose(steps)
 
 
@@ -196,5 +284,5 @@ def multicrop_transform(
 ) -> Callable:
     """Test-time views: centre and four corner crops of the eval resize, stacked (5, C, H, W)."""
     resize = v2.Resize(round(size / crop_pct), interpolation=_interpolation(interpolation))
-    tail = v2.Compose([*_to_normalised(mean, std), v2.ToPureTensor()])
+    tail = ToNormalised(mean, std)
     return _FiveViews(resize, size, tail)

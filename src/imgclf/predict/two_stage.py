@@ -38,6 +38,7 @@ import yaml
 from torch import nn
 
 from imgclf.config import RunConfig, resolve, validate
+from imgclf.data.loaders import resolve_workers
 from imgclf.data.manifest import Entry, LabelMap, Manifest, write_manifest
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
@@ -258,7 +259,9 @@ def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log
     atomic_write_json(folder / "data.json", data)
     model = TwoStage.load(folder)
     batch = cfg.train.eval_batch_size or cfg.train.batch_size
-    metrics = split_metrics(model, data, folder, batch, cfg.train.workers)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    workers = resolve_workers(cfg.train.workers, len(manifest.ok_entries), device)["workers"]
+    metrics = split_metrics(model, data, folder, batch, workers)
     stage_summaries = [_read(Path(p) / "summary.json") for p in stages.values()]
     summary = {
         "run_id": folder.name,

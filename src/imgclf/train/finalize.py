@@ -63,6 +63,8 @@ def finalize(
             if rows
             else None,
             "bad_images": sum(r["bad_images"] for r in rows),
+            "data_wait": state.data_wait or None,
+            "warnings": state.warnings,
             "position": {"stage": state.stage, "epoch": state.epoch},
         }
     )

@@ -59,6 +59,8 @@ class FitContext:
     # Called with each epoch's metrics row; raising Pruned ends the run (a sweep's pruner).
     on_epoch: Callable[[dict], None] | None = None
     features: StageFeatures | None = None  # set when train.features is "cache"
+    # What would feed the device faster, for the data-wait warning (`watch_data_wait`).
+    data_advice: str = "raise train.workers or set data.cache=auto"
 
 
 class Pruned(Exception):
@@ -78,6 +80,8 @@ class FitState:
     epoch_state: dict[str, Any] | None = None  # set when saved mid-epoch
     params: dict[str, int] = field(default_factory=dict)  # counts in the latest stage
     status: str = "running"
+    data_wait: dict[str, Any] = field(default_factory=dict)  # wait_s, total_s, share, warned
+    warnings: list[str] = field(default_factory=list)  # said once each; kept in summary.json
 
 
 def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitState:
@@ -179,12 +183,41 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
         classification_metrics(val["probs"], val["targets"], "val"), src=0
     )
     metrics = {**epoch_state.metrics(), **val_metrics}
+    watch_data_wait(ctx, state, epoch_state)
     extra = {
         "bad_images": len(epoch_state.bad),
         "seconds": round(epoch_state.seconds, 3),
         "images_per_s": round(epoch_state.seen / max(epoch_state.seconds, 1e-9), 1),
     }
     return _end_epoch(ctx, state, stage, optimizer, schedule, metrics, extra)
+
+
+DATA_WAIT_WARN = 1 / 3
+# Devices whose runs are warned when data is late. A CPU spends its time decoding by design;
+# the tests add "cpu" to run the same code on one.
+WATCHED_DEVICES = ("cuda",)
+
+
+def watch_data_wait(ctx: FitContext, state: FitState, epoch_state: EpochState) -> None:
+    """Add the epoch's time waiting for data to the run's; the first time more than a third of
+    the training time so far went to waiting on a watched device, say so once (log, summary,
+    report) with the setting that would help."""
+    w = state.data_wait
+    w["wait_s"] = round(w.get("wait_s", 0.0) + epoch_state.data_wait, 3)
+    w["total_s"] = round(w.get("total_s", 0.0) + epoch_state.seconds, 3)
+    share = w["wait_s"] / max(w["total_s"], 1e-9)
+    w["share"] = round(share, 3)
+    device = ctx.fabric.device.type
+    if device not in WATCHED_DEVICES or share <= DATA_WAIT_WARN or w.get("warned"):
+        return
+    w["warned"] = True
+    message = (
+        f"the {device} waited for data {share:.0%} of the training time so far (epoch "
+        f"{state.global_epoch + 1}): the input pipeline, not the model, sets the pace; "
+        f"{ctx.data_advice}"
+    )
+    state.warnings.append(message)
+    ctx.log(f"warning: {message}")
 
 
 def _epoch_batches(ctx: FitContext, epoch: int) -> int:

@@ -66,6 +66,7 @@ class EpochState:
     correct: float = 0.0
     bad: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    data_wait: float = 0.0  # of `seconds`, spent waiting for the loader (first batch excluded)
 
     def metrics(self) -> dict[str, float]:
         n = max(self.seen, 1)
@@ -101,7 +102,7 @@ def train_one_epoch(
     acc = torch.zeros(4, device=device, dtype=torch.float64 if device.type == "cpu" else None)
     stop = stop or StopFlag()
     t0 = time.perf_counter() - state.seconds
-    for batch in loader:
+    for batch in _timed(loader, state):
         state.bad.extend(b.reason for b in batch["bad"])
         if len(state.bad) > max_bad:
             raise ImgclfError(
@@ -151,6 +152,26 @@ def train_one_epoch(
     _sync(fabric, state, acc, stop)
     state.seconds = time.perf_counter() - t0
     return state
+
+
+def _timed(loader, state: EpochState) -> Iterator:
+    """The loader's batches, adding the time spent waiting for each to `state.data_wait`.
+
+    The wait for an epoch's first batch is left out: it also pays for starting the workers or
+    building the cache, once. On a GPU the host runs ahead of the device and blocks at the
+    next synchronisation, not here, unless the data is late: so this is the data's share.
+    """
+    batches, first = iter(loader), True
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        if not first:
+            state.data_wait += time.perf_counter() - t
+        first = False
+        yield batch
 
 
 def _sync(fabric, state: EpochState, acc: torch.Tensor, stop: StopFlag) -> None:

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from imgclf.config import RunConfig, dump_yaml, resolve, validate
+from imgclf.data.loaders import resolve_workers
 from imgclf.data.manifest import Manifest
 from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
@@ -169,6 +170,7 @@ def _fit_and_finish(
         on_epoch=on_epoch,
         features=_stage_features(cfg, pre, identity["data"]),
         compiled=torch.compile(model) if cfg.train.compile else None,
+        data_advice=_data_advice(cfg, train_loader, fabric.device.type, fabric.world_size),
     )
     with run.lock():
         if checkpoint is not None and run.writer:
@@ -176,6 +178,23 @@ def _fit_and_finish(
             if stale:
                 log(f"removed {len(stale)} temporary file(s) left by the interrupted process")
         return _fit_guarded(ctx, cfg, run, manifest, state, checkpoint, progress, log)
+
+
+def _data_advice(cfg: RunConfig, train_loader, device: str, world: int) -> str:
+    """The setting that would feed the device faster, for the data-wait warning."""
+    if cfg.data.cache == "none":
+        w = resolve_workers(cfg.train.workers, len(train_loader.dataset), device, world)
+        return (
+            f"set data.cache=auto (each image decoded once, whole batches augmented on the "
+            f"{device}) or raise train.workers (now {w['workers']}; this process may use "
+            f"{w['cores']} cores)"
+        )
+    if getattr(train_loader, "placement", None) == "host":
+        return (
+            "the cached pixels are copied from host memory every batch: "
+            "data.cache_device=device keeps them on the GPU when it has room"
+        )
+    return "the batches are already cached on the device: try a larger train.batch_size"
 
 
 def _fit_guarded(ctx: FitContext, cfg, run: RunDir, manifest, state, checkpoint, progress, log):
@@ -242,9 +261,18 @@ def _write_run_header(
 ):
     run.write_config(dump_yaml(cfg))
     device = "cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu"
+    images = len(manifest.split_entries("train"))
+    workers = resolve_workers(cfg.train.workers, images, device, world.size)
+    if cfg.data.cache != "none":
+        workers = {**workers, "workers": 0, "note": "data.cache is on: no DataLoader workers"}
     run.write_json(
         "environment.json",
-        {**environment(cfg.seed, device), "processes": world.size, "nodes": world.nodes},
+        {
+            **environment(cfg.seed, device),
+            "processes": world.size,
+            "nodes": world.nodes,
+            "loader_workers": workers,
+        },
     )
     split = manifest.report.get("split", {})
     run.write_json(

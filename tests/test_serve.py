@@ -1,4 +1,4 @@
-"""`imgclf serve`: a real uvicorn on a loopback port, driven by httpx through BAD_INPUTS H1-H7.
+"""`imgclf serve`: a real uvicorn on a loopback port, driven by httpx through BAD_INPUTS H1-H10.
 
 Every server here is the real app + uvicorn (with its header deadline) on 127.0.0.1; the
 "slow" and "failing" backends are the real ONNX backend with a sleep or a raise in front of it.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import inspect
 import io
 import json
@@ -15,11 +16,14 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import weakref
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -145,16 +149,16 @@ class SlowBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def predict(self, images):
+    def predict_prepared(self, inputs):
         with self._lock:
             n, self.calls = self.calls, self.calls + 1
         if self.slow_calls is None or n < self.slow_calls:
             time.sleep(self.seconds)
-        return self.inner.predict(images)
+        return self.inner.predict_prepared(inputs)
 
 
 class FailingBackend(SlowBackend):
-    def predict(self, images):
+    def predict_prepared(self, inputs):
         raise RuntimeError("boom in /secret/path/model.py line 12")
 
 
@@ -531,6 +535,255 @@ def test_h6_burst_gets_503_with_retry_after_and_health_stays_fast(model):
     assert health["running"] == 1 and health["admitted"] == 2, health
     assert health_s < 0.5, f"/health took {health_s:.2f} s during the burst"
     assert after.status_code == 200
+
+
+# ---------------------------------------------------------------- H8 idle slow uploads
+
+
+def open_idle_uploads(port: int, n: int, stack: contextlib.ExitStack) -> list[socket.socket]:
+    """``n`` connections that send the headers and the first body bytes of an upload, then go
+    quiet (closed by ``stack``)."""
+    idle = []
+    for _ in range(n):
+        s = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100000\r\n\r\n{"image": "iVBOR'
+        )
+        idle.append(s)
+    return idle
+
+
+def wait_for_health(url: str, ok, seconds: float = 5.0) -> dict:
+    """Poll /health until ``ok(health)`` (bounded in time)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        health = httpx.get(f"{url}/health", timeout=5).json()
+        if ok(health):
+            return health
+        assert time.monotonic() < deadline, health
+        time.sleep(0.02)
+
+
+def test_h8_idle_slow_uploads_do_not_starve_inference(model):
+    """BAD_INPUTS H8: ten clients that open an upload and go quiet (as many as --concurrency
+    + --queue) hold no admission ticket: a normal request made meanwhile is served at once."""
+    _, _, samples, backend = model
+    good = samples[0].read_bytes()
+    with running(backend, read_timeout=20) as url, contextlib.ExitStack() as stack:
+        port = int(url.rsplit(":", 1)[1])
+        open_idle_uploads(port, 10, stack)
+        # All ten are in the server, waiting for their bodies (today's code: all ten admitted).
+        wait_for_health(url, lambda h: h.get("receiving", h["admitted"]) == 10)
+        start = time.monotonic()
+        r = upload(url, good)
+        assert r.status_code == 200, r.text
+        js = {"image": base64.b64encode(good).decode()}
+        assert httpx.post(f"{url}/predict", json=js, timeout=10).status_code == 200
+        files = [("files", ("a.png", good, "image/png"))] * 3
+        batch = httpx.post(f"{url}/predict/batch", files=files, timeout=10)
+        assert [x["status"] for x in batch.json()["results"]] == ["ok"] * 3, batch.text
+        assert time.monotonic() - start < 5  # served now, not after the idle ones time out
+        health = httpx.get(f"{url}/health").json()
+        assert health["admitted"] == 0 and health["receiving"] == 10, health
+
+
+def test_h8_body_reads_are_bounded_apart_and_freed_by_the_read_timeout(model):
+    """BAD_INPUTS H8: at most --max-uploads bodies are received at once (503 + Retry-After
+    beyond, naming the option); an idle one gets 408 at --read-timeout and frees its place."""
+    _, _, samples, backend = model
+    good = samples[0].read_bytes()
+    with running(backend, max_uploads=2, read_timeout=1.0) as url, contextlib.ExitStack() as st:
+        port = int(url.rsplit(":", 1)[1])
+        idle = open_idle_uploads(port, 2, st)
+        wait_for_health(url, lambda h: h["receiving"] == 2)
+        r = upload(url, good)
+        body = assert_error(r, 503, "busy")
+        assert "--max-uploads" in body["detail"] and int(r.headers["retry-after"]) >= 1
+        for s in idle:  # each is cut off at the read timeout
+            assert recv_all(s, 5.0).startswith(b"HTTP/1.1 408")
+        wait_for_health(url, lambda h: h["receiving"] == 0)
+        assert upload(url, good).status_code == 200
+
+
+# ---------------------------------------------------------------- H9 pixels per request
+
+
+def black_png(width: int, height: int) -> bytes:
+    """A real, fully decodable black 8-bit grayscale PNG, compressed to almost nothing (a
+    7000 × 7000 one is 48 KiB and decodes to 49 MB of pixels)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    packer = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte 0, then the pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    chunk = fx._png_chunk  # the factory's chunk writer, with its CRC
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class CountingBackend(SlowBackend):
+    """The real backend, recording how many decoded images are still alive at each prepare."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner, seconds=0, slow_calls=0)
+        self.alive_at_prepare: list[int] = []
+        self._seen: list[weakref.ref] = []
+
+    def prepare(self, image):
+        gc.collect()
+        self.alive_at_prepare.append(sum(ref() is not None for ref in self._seen))
+        self._seen.append(weakref.ref(image))
+        return self.inner.prepare(image)
+
+
+def test_h9_pixels_per_request_are_capped_from_the_headers_before_decoding(model):
+    """BAD_INPUTS H9: a batch of small files that decode to huge images is 413 naming
+    --max-request-pixels, from the headers alone (nothing decoded); within the budget each
+    decoded image is freed once its model input is made, before the next one is decoded."""
+    _, _, _, backend = model
+    # The issue's repro, 16 black 7000 × 7000 PNGs (0.7 MiB of body), is over the default.
+    assert 16 * 7000 * 7000 > Limits().max_request_pixels >= Limits().max_pixels
+    big = black_png(1000, 1000)
+    assert len(big) < 2_000
+    counting = CountingBackend(backend)
+    with running(counting, max_pixels=1_000_000, max_request_pixels=3_000_000) as url:
+        files = [("files", (f"{i}.png", big, "image/png")) for i in range(4)]
+        start = time.monotonic()
+        body = assert_error(httpx.post(f"{url}/predict/batch", files=files), 413, "too many pixels")
+        assert time.monotonic() - start < 2
+        assert "4,000,000" in body["detail"] and "3,000,000" in body["detail"]
+        assert "--max-request-pixels" in body["detail"]
+        assert counting.alive_at_prepare == []  # refused before a single decode
+        r = httpx.post(f"{url}/predict/batch", files=files[:3], timeout=10)
+        assert [x["status"] for x in r.json()["results"]] == ["ok"] * 3, r.text
+        assert counting.alive_at_prepare == [0, 0, 0]  # never two decoded images at once
+        # One image alone is also held to the request budget (and to --max-pixels first).
+        with running(backend, max_request_pixels=999_999) as small:
+            assert_error(upload(small, big), 413, "too many pixels")
+        assert httpx.get(f"{url}/health").json()["running"] == 0
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (peak) of a process, in MiB (Linux /proc)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+@contextlib.contextmanager
+def serve_subprocess(export: Path, *options: str):
+    """`imgclf serve EXPORT` in its own process (its memory is its own); yields (url, pid)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "imgclf", "serve", str(export), "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(
+        [*command, "--log-level", "warning", *options],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, "imgclf serve did not come up"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_h9_one_decoded_image_at_a_time_and_memory_returns_after_the_request(model):
+    """BAD_INPUTS H9: three black 7000 × 7000 PNGs (147 M pixels, within the default budget)
+    raise the server's peak memory by about one decoded image, not three, and its resident
+    size returns afterwards (measured before the fix: +655 MiB peak, +425 MiB after)."""
+    _, export, samples, _ = model
+    big = black_png(7000, 7000)
+    with serve_subprocess(export) as (url, pid):
+        assert upload(url, samples[0].read_bytes()).status_code == 200  # warm
+        before = rss_mib(pid)["VmRSS"]
+        files = [("files", (f"{i}.png", big, "image/png")) for i in range(3)]
+        r = httpx.post(f"{url}/predict/batch", files=files, timeout=60)
+        assert [x["status"] for x in r.json()["results"]] == ["ok"] * 3, r.text[:300]
+        peak = rss_mib(pid)["VmHWM"] - before
+        time.sleep(0.5)
+        after = rss_mib(pid)["VmRSS"] - before
+    # One 49 M-pixel grayscale image: L + RGB (4 bytes per pixel) + resize ≈ 290 MiB.
+    assert peak < 450, f"peak +{peak:.0f} MiB"
+    assert after < 100, f"+{after:.0f} MiB still held after the request"
+
+
+def test_h9_request_pixel_budget_is_a_documented_serve_option():
+    """BAD_INPUTS H9: --max-request-pixels (and --max-uploads) are `imgclf serve` options,
+    listed in its help and in the README's serving section and the architecture notes."""
+    from typer.testing import CliRunner
+
+    from imgclf.cli import app as cli
+
+    help_text = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
+    readme = (REPO / "README.md").read_text()
+    serving = readme[readme.index("## Predict, combine, export, serve") :]
+    for option in ("--max-request-pixels", "--max-uploads"):
+        assert option in help_text and option in serving, option
+    assert "--max-request-pixels" in (REPO / "docs/ARCHITECTURE.md").read_text()
+
+
+# ---------------------------------------------------------------- H10 hostile JSON
+
+
+def test_h10_hostile_json_is_4xx_never_5xx(model):
+    """BAD_INPUTS H10: infinite or huge numbers, a million nested arrays, wrong types and bad
+    encodings in JSON bodies are 422 with a JSON error, and the server goes on."""
+    _, _, samples, backend = model
+    image = base64.b64encode(samples[0].read_bytes()).decode()
+    head = '{"image": "' + image + '", "top_k": '
+    bodies = {
+        "Infinity": (head + "Infinity}", "invalid JSON"),
+        "-Infinity": (head + "-Infinity}", "invalid JSON"),
+        "NaN": (head + "NaN}", "invalid JSON"),
+        "1e400": (head + "1e400}", "invalid top_k"),
+        "-1e400": (head + "-1e400}", "invalid top_k"),
+        "1.5": (head + "1.5}", "invalid top_k"),
+        "true": (head + "true}", "invalid top_k"),
+        "string": (head + '"2"}', "invalid top_k"),
+        "list": (head + "[2]}", "invalid top_k"),
+        "5000 digits": (head + "9" * 5000 + "}", "invalid JSON"),
+        "deep": ("[" * 1_000_000, "invalid JSON"),
+        "deep object": ('{"a":' * 100_000, "invalid JSON"),
+        "image number": ('{"image": 1e400}', "missing image"),
+        "not utf-8": (b'{"image": "\xff\xfe"}', "invalid JSON"),
+        "lone surrogate": ('{"image": "\\ud800"}', "invalid base64"),
+    }
+    with running(backend) as url:
+        for what, (body, error) in bodies.items():
+            content = body if isinstance(body, bytes) else body.encode()
+            r = httpx.post(
+                f"{url}/predict",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=10,
+            )
+            got = assert_error(r, 422)
+            assert got["error"] == error, (what, got)
+        json_type = {"content-type": "application/json"}
+        ok = httpx.post(f"{url}/predict", content=head + "2.0}", headers=json_type, timeout=10)
+        assert ok.status_code == 200 and len(ok.json()["top_k"]) == 2, ok.text
+        fields = {"top_k": "1e400"}
+        r = httpx.post(
+            f"{url}/predict", files={"file": ("a.png", samples[0].read_bytes())}, data=fields
+        )
+        assert_error(r, 422, "invalid top_k")
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
 # ---------------------------------------------------------------- H7 bind address, no loaders

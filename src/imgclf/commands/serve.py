@@ -26,7 +26,16 @@ def serve(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="largest width × height, from the header (422)")
     ] = 50_000_000,
+    max_request_pixels: Annotated[
+        int,
+        typer.Option(
+            min=1, help="total width × height of a request's images, from the headers (413)"
+        ),
+    ] = 200_000_000,
     max_files: Annotated[int, typer.Option(min=1, help="files per /predict/batch request")] = 16,
+    max_uploads: Annotated[
+        int, typer.Option(min=1, help="request bodies received at once (503)")
+    ] = 32,
     concurrency: Annotated[int, typer.Option(min=1, help="inference threads")] = 2,
     queue: Annotated[int, typer.Option(min=0, help="requests waiting beyond those (503)")] = 8,
     timeout: Annotated[float, typer.Option(help="seconds per request once read (504)")] = 30.0,
@@ -41,7 +50,9 @@ def serve(
     limits = Limits(
         max_bytes=max_bytes,
         max_pixels=max_pixels,
+        max_request_pixels=max_request_pixels,
         max_files=max_files,
+        max_uploads=max_uploads,
         concurrency=concurrency,
         queue=queue,
         timeout=timeout,

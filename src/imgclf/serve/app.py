@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,16 +28,20 @@ from starlette.requests import ClientDisconnect
 from imgclf import __version__
 from imgclf.data.images import ImageLoadError, load_image, probe
 from imgclf.serve.backend import Backend
+from imgclf.serve.fields import parse_json, top_k_value
 from imgclf.serve.limits import (
     ACCEPTED_FORMATS,
+    TRIM_AFTER_PIXELS,
     BodyLimit,
     Gate,
     HTTPProblem,
     Limits,
+    Uploads,
     check_image_bytes,
+    check_request_pixels,
     parse_multipart,
     protocol_with_header_timeout,
-    read_body,
+    release_freed_memory,
 )
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -105,6 +108,7 @@ def create_app(backend: Backend, limits: Limits | None = None) -> FastAPI:
     """The ASGI app serving ``backend`` under ``limits``."""
     limits = limits or Limits()
     gate = Gate(limits.concurrency, limits.queue)
+    uploads = Uploads(limits.max_uploads, limits.read_timeout)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -120,16 +124,19 @@ def create_app(backend: Backend, limits: Limits | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.backend, app.state.limits, app.state.gate = backend, limits, gate
+    app.state.uploads = uploads
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=limits.max_bytes)
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    _add_pages(app, backend, limits, gate)
-    _add_predict(app, backend, limits, gate)
+    _add_pages(app, backend, limits, gate, uploads)
+    _add_predict(app, backend, limits, gate, uploads)
     return app
 
 
-def _add_pages(app: FastAPI, backend: Backend, limits: Limits, gate: Gate) -> None:
+def _add_pages(
+    app: FastAPI, backend: Backend, limits: Limits, gate: Gate, uploads: Uploads
+) -> None:
     """GET /, /docs, /health, /model."""
     index_html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     docs_html = (STATIC_DIR / "docs.html").read_text(encoding="utf-8")
@@ -144,7 +151,8 @@ def _add_pages(app: FastAPI, backend: Backend, limits: Limits, gate: Gate) -> No
 
     @app.get("/health", summary="Liveness and load")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model_id": backend.model_id, **gate.stats()}
+        stats = {**gate.stats(), "receiving": uploads.active}
+        return {"status": "ok", "model_id": backend.model_id, **stats}
 
     @app.get("/model", summary="Labels, preprocessing and version of the served model")
     async def model() -> dict[str, Any]:
@@ -159,37 +167,38 @@ def _add_pages(app: FastAPI, backend: Backend, limits: Limits, gate: Gate) -> No
         }
 
 
-def _add_predict(app: FastAPI, backend: Backend, limits: Limits, gate: Gate) -> None:
-    """POST /predict and /predict/batch: admit (or 503), read, sniff, infer on the pool."""
+def _add_predict(
+    app: FastAPI, backend: Backend, limits: Limits, gate: Gate, uploads: Uploads
+) -> None:
+    """POST /predict and /predict/batch: read (bounded apart), sniff, then admit (or 503) and
+    infer on the pool. A slow body never holds an admission ticket (BAD_INPUTS H8)."""
+
+    async def infer(blobs: list[bytes]) -> list:
+        with _admitted(gate):
+            deadline = time.monotonic() + limits.timeout
+            return await gate.run(lambda: _infer(backend, limits, blobs), deadline)
 
     @app.post("/predict", summary="Classify one image", openapi_extra=_UPLOAD_DOC)
     async def predict(request: Request, top_k: int | None = Query(None, ge=1)) -> dict:
-        with _admitted(gate):
-            upload, k = await _read_one(request, limits, top_k)
-            check_image_bytes(upload)
-            deadline = time.monotonic() + limits.timeout
-            (row,) = await gate.run(lambda: _infer(backend, limits, [upload]), deadline)
+        upload, k = await _read_one(request, uploads, top_k)
+        check_image_bytes(upload)
+        (row,) = await infer([upload])
         if isinstance(row, HTTPProblem):
             raise row
         return {**_ranked(row[0], backend.labels, k), **row[1], "model_id": backend.model_id}
 
     @app.post("/predict/batch", summary="Classify several images", openapi_extra=_BATCH_DOC)
     async def predict_batch(request: Request, top_k: int | None = Query(None, ge=1)) -> dict:
-        with _admitted(gate):
-            files, k = await _read_many(request, limits, top_k)
-            results: list[dict[str, Any]] = [
-                {"index": i, "name": n} for i, (n, _) in enumerate(files)
-            ]
-            todo = []
-            for i, (_, data) in enumerate(files):
-                try:
-                    check_image_bytes(data)
-                    todo.append(i)
-                except HTTPProblem as p:
-                    results[i].update(_problem_fields(p))
-            blobs = [files[i][1] for i in todo]
-            deadline = time.monotonic() + limits.timeout
-            rows = await gate.run(lambda: _infer(backend, limits, blobs), deadline) if todo else []
+        files, k = await _read_many(request, limits, uploads, top_k)
+        results: list[dict[str, Any]] = [{"index": i, "name": n} for i, (n, _) in enumerate(files)]
+        todo = []
+        for i, (_, data) in enumerate(files):
+            try:
+                check_image_bytes(data)
+                todo.append(i)
+            except HTTPProblem as p:
+                results[i].update(_problem_fields(p))
+        rows = await infer([files[i][1] for i in todo]) if todo else []
         for i, row in zip(todo, rows, strict=True):
             if isinstance(row, HTTPProblem):
                 results[i].update(_problem_fields(row))
@@ -224,32 +233,29 @@ def _admitted(gate: Gate) -> Iterator[None]:
 
 
 async def _read_one(
-    request: Request, limits: Limits, top_k: int | None
+    request: Request, uploads: Uploads, top_k: int | None
 ) -> tuple[bytes, int | None]:
     """The image bytes and top_k of a /predict request (multipart or JSON)."""
     ctype = request.headers.get("content-type", "")
-    body = await read_body(request.stream(), limits.read_timeout)
+    if not ctype.startswith(("multipart/form-data", "application/json")):
+        raise HTTPProblem(
+            415,
+            "unsupported media type",
+            'send multipart/form-data with a "file" field, or JSON {"image": "<base64>"}',
+        )
+    body = await uploads.read(request.stream())
     if ctype.startswith("multipart/form-data"):
         parts = parse_multipart(body, ctype, max_files=1)
         files = [p for p in parts if p.filename is not None or p.name in ("file", "image")]
         if not files:
             raise HTTPProblem(422, "missing file", "send the image in a multipart field named file")
         fields = {p.name: bytes(p.data) for p in parts if p not in files}
-        return bytes(files[0].data), top_k or _top_k_value(fields.get("top_k"))
-    if ctype.startswith("application/json"):
-        return _read_json(body, top_k)
-    raise HTTPProblem(
-        415,
-        "unsupported media type",
-        'send multipart/form-data with a "file" field, or JSON {"image": "<base64>"}',
-    )
+        return bytes(files[0].data), top_k or top_k_value(fields.get("top_k"))
+    return _read_json(body, top_k)
 
 
 def _read_json(body: bytes, top_k: int | None) -> tuple[bytes, int | None]:
-    try:
-        payload = json.loads(body)
-    except ValueError as e:
-        raise HTTPProblem(422, "invalid JSON", str(e)) from None
+    payload = parse_json(body)
     if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
         raise HTTPProblem(422, "missing image", 'expected {"image": "<base64>", "top_k": k}')
     text = payload["image"]
@@ -259,22 +265,22 @@ def _read_json(body: bytes, top_k: int | None) -> tuple[bytes, int | None]:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
         raise HTTPProblem(422, "invalid base64", str(e)) from None
-    return data, top_k or _top_k_value(payload.get("top_k"))
+    return data, top_k or top_k_value(payload.get("top_k"))
 
 
-async def _read_many(request: Request, limits: Limits, top_k: int | None):
+async def _read_many(request: Request, limits: Limits, uploads: Uploads, top_k: int | None):
     """(client name, bytes) for each file of a /predict/batch request, and top_k."""
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
         raise HTTPProblem(415, "unsupported media type", "send multipart/form-data files")
-    body = await read_body(request.stream(), limits.read_timeout)
+    body = await uploads.read(request.stream())
     parts = parse_multipart(body, ctype, max_files=limits.max_files)
     files = [p for p in parts if p.filename is not None]
     if not files:
         raise HTTPProblem(422, "missing files", "send one or more multipart file fields")
     fields = {p.name: bytes(p.data) for p in parts if p.filename is None}
     named = [(display_name(p.filename), bytes(p.data)) for p in files]
-    return named, top_k or _top_k_value(fields.get("top_k"))
+    return named, top_k or top_k_value(fields.get("top_k"))
 
 
 def display_name(filename: str | None) -> str:
@@ -283,44 +289,48 @@ def display_name(filename: str | None) -> str:
     return "".join(c for c in name if c.isprintable())[:200]
 
 
-def _top_k_value(raw: Any) -> int | None:
-    if raw is None:
-        return None
-    try:
-        value = int(raw.decode() if isinstance(raw, bytes) else raw)
-    except (TypeError, ValueError):
-        raise HTTPProblem(422, "invalid top_k", f"top_k must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise HTTPProblem(422, "invalid top_k", "top_k must be at least 1")
-    return value
-
-
 def _infer(backend: Backend, limits: Limits, blobs: list[bytes]) -> list:
-    """On a pool thread: header probe (pixel cap), decode, predict. One row per blob: either
-    (probabilities, image facts) or the HTTPProblem for that blob."""
+    """On a pool thread: header probes (per-image and per-request pixel caps), then decode and
+    prepare each image in turn, then predict. One row per blob: either (probabilities, image
+    facts) or the HTTPProblem for that blob."""
     rows: list[Any] = [None] * len(blobs)
-    images, where = [], []
-    pre = backend.preprocessing
-    size = int(pre["input_size"]) if pre else None  # JPEG draft decoding down to this size
+    infos = {}
     for i, data in enumerate(blobs):
         try:
-            info = probe(data, max_pixels=limits.max_pixels, min_side=limits.min_side)
+            infos[i] = probe(data, max_pixels=limits.max_pixels, min_side=limits.min_side)
+        except ImageLoadError as e:
+            rows[i] = _load_problem(e)
+    check_request_pixels([info.width * info.height for info in infos.values()], limits)
+    pre = backend.preprocessing
+    size = int(pre["input_size"]) if pre else None  # JPEG draft decoding down to this size
+    inputs, where, decoded = [], [], 0
+    for i, info in infos.items():
+        try:
             image = load_image(
-                data, max_pixels=limits.max_pixels, min_side=limits.min_side, size_hint=size
+                blobs[i], max_pixels=limits.max_pixels, min_side=limits.min_side, size_hint=size
             )
         except ImageLoadError as e:
-            status = 415 if e.kind.startswith(_MEDIA_KINDS) else 422
-            rows[i] = HTTPProblem(status, e.kind, e.detail)
+            rows[i] = _load_problem(e)
             continue
         facts = {"format": info.format, "width": info.width, "height": info.height}
         rows[i] = {"image": {**facts, "notes": list(image.info.get("imgclf_notes", ()))}}
-        images.append(image)
+        # Only the model's input is kept: the decoded image (4 bytes a pixel, hundreds of MB
+        # near --max-pixels) is freed before the next is decoded, not held for the batch (H9).
+        inputs.append(backend.prepare(image))
+        del image
         where.append(i)
-    if images:
-        probs = backend.predict(images)
+        decoded += info.width * info.height
+    if decoded >= TRIM_AFTER_PIXELS:
+        release_freed_memory()
+    if inputs:
+        probs = backend.predict_prepared(inputs)
         for i, p in zip(where, probs, strict=True):
             rows[i] = (p, rows[i])
     return rows
+
+
+def _load_problem(e: ImageLoadError) -> HTTPProblem:
+    return HTTPProblem(415 if e.kind.startswith(_MEDIA_KINDS) else 422, e.kind, e.detail)
 
 
 def _ranked(probs: np.ndarray, labels: list[str], k: int | None) -> dict[str, Any]:

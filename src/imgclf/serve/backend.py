@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from imgclf.errors import ImgclfError
-from imgclf.predict.onnx_preprocess import RESAMPLE, preprocess_batch
+from imgclf.predict.onnx_preprocess import RESAMPLE, preprocess
 
 BACKENDS = ("auto", "onnx", "torch")
 MODEL_JSON = "model.json"
@@ -31,6 +31,15 @@ class Backend(Protocol):
     labels: list[str]
     preprocessing: dict[str, Any] | None  # None: an ensemble whose members resize differently
     model_id: str
+
+    def prepare(self, image: Image.Image) -> Any:
+        """One decoded RGB image → what `predict_prepared` needs of it (the model's input, a
+        few hundred KiB), so that the decoded image can be dropped at once (BAD_INPUTS H9)."""
+        ...
+
+    def predict_prepared(self, inputs: Sequence[Any]) -> np.ndarray:
+        """Outputs of `prepare` → probabilities, one row per image."""
+        ...
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Decoded RGB images → probabilities, one row per image."""
@@ -134,12 +143,18 @@ class OnnxBackend:
         self.fixed_batch = spec.shape[0] if isinstance(spec.shape[0], int) else None
         self.outputs_probabilities = self.meta.get("onnx", {}).get("output") == "probabilities"
 
-    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
-        x = preprocess_batch(images, self.preprocessing)
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return preprocess(image, self.preprocessing)
+
+    def predict_prepared(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        x = np.ascontiguousarray(np.stack(inputs))
         step = self.fixed_batch or len(x)  # an export without --dynamic-batch takes N = 1
         feed = (x[i : i + step] for i in range(0, len(x), step))
         scores = np.concatenate([self.session.run(None, {self.input_name: b})[0] for b in feed])
         return scores.astype(np.float64) if self.outputs_probabilities else softmax(scores)
+
+    def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.predict_prepared([self.prepare(im) for im in images])
 
     def describe(self) -> dict[str, Any]:
         onnx = self.meta.get("onnx", {})
@@ -166,9 +181,26 @@ class TorchBackend:
         weights = folder / meta.get("weights", "model.safetensors")
         self.model_id = file_id(weights if weights.is_file() else folder / MODEL_JSON)
         self.name = folder.parent.name if folder.name == EXPORT_DIR else folder.name
+        single = hasattr(self._predictor, "predict_tensor")
+        self._transform = self._predictor.transform() if single else None
+
+    def prepare(self, image: Image.Image) -> Any:
+        # A single run: its eval transform's tensor. An ensemble or two-stage folder has no one
+        # input (members may resize differently): its probabilities, one image at a time.
+        if self._transform is not None:
+            return self._transform(image)
+        return self._predictor.predict_images([image])[0]
+
+    def predict_prepared(self, inputs: Sequence[Any]) -> np.ndarray:
+        import torch
+
+        stacked = torch.stack(list(inputs))
+        if self._transform is not None:
+            stacked = self._predictor.predict_tensor(stacked)
+        return stacked.double().numpy()
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self._predictor.predict_images(list(images)).double().numpy()
+        return self.predict_prepared([self.prepare(im) for im in images])
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind, "name": self.name, "kind": self.model_kind}

@@ -1,15 +1,20 @@
-"""What the server refuses, and how early (BAD_INPUTS.md H1-H6).
+"""What the server refuses, and how early (BAD_INPUTS.md H1-H10).
 
 Uploads are untrusted. The body is counted while it streams in and refused at the size cap
 (Content-Length is checked before a single body byte is read); it is parsed in memory and never
 written to disk, so a client's file name is never a path; the content, not the declared type,
-decides whether it is an image; a slow client is cut off by a header and a body deadline; and a
-bounded admission gate answers 503 + Retry-After instead of queueing without limit.
+decides whether it is an image; a slow client is cut off by a header and a body deadline. Bodies
+being received are counted on their own (`Uploads`, 503 beyond --max-uploads): a request enters
+the admission gate only once its body is read and sniffed, so idle slow uploads never hold an
+inference slot (H8). The gate answers 503 + Retry-After instead of queueing without limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import json
 import math
 import time
@@ -41,7 +46,13 @@ class Limits:
     queue: int = 8  # admitted requests waiting for a thread (503 beyond)
     timeout: float = 30.0  # once the body is read: 503 if still queued, 504 if still running
     read_timeout: float = 30.0  # the whole body must arrive within this (408)
+    max_uploads: int = 32  # bodies being received at once (503 beyond), apart from inference
+    max_request_pixels: int = 200_000_000  # Σ width × height of one request's images (413)
     header_timeout: float = 10.0  # the request line and headers must arrive within this
+
+
+# Decoded in one request, past this the freed heap is handed back to the system.
+TRIM_AFTER_PIXELS = 16_000_000
 
 
 class HTTPProblem(Exception):
@@ -71,6 +82,36 @@ def check_image_bytes(data: bytes) -> str:
         accepted = ", ".join(ACCEPTED_FORMATS)
         raise HTTPProblem(415, "unsupported media type", f"{what}; accepted: {accepted}")
     return fmt
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed by big decodes back to the system (glibc's malloc_trim).
+
+    glibc keeps freed blocks in its heaps for reuse, so without this the server's resident
+    size stays at its peak after one request with large images (H9: memory returns).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+        return None
+
+
+def check_request_pixels(pixels: list[int], limits: Limits) -> None:
+    """413 when one request's images together declare more than --max-request-pixels (H9)."""
+    total = sum(pixels)
+    if total > limits.max_request_pixels:
+        detail = (
+            f"the {len(pixels)} image(s) of this request declare {total:,} pixels in all, "
+            f"limit {limits.max_request_pixels:,} per request (--max-request-pixels)"
+        )
+        raise HTTPProblem(413, "too many pixels", detail)
 
 
 class BodyLimit:
@@ -122,6 +163,32 @@ async def read_body(stream: AsyncIterator[bytes], deadline_s: float) -> bytes:
     except asyncio.TimeoutError:
         detail = f"the body did not arrive within {deadline_s:g} s (--read-timeout)"
         raise HTTPProblem(408, "request timeout", detail, {"Connection": "close"}) from None
+
+
+class Uploads:
+    """Request bodies being received at once (≤ ``limit``, else 503 at once).
+
+    Counted apart from the admission gate: a client that opens an upload and goes quiet holds
+    one of these (until --read-timeout, 408), never an inference slot, so ``limit`` idle clients
+    only stop other uploads, and the memory held by bodies in transit is at most
+    ``limit × max_bytes``.
+    """
+
+    def __init__(self, limit: int, read_timeout: float) -> None:
+        self.limit, self.read_timeout = limit, read_timeout
+        self.active = 0  # only touched on the event loop: no lock needed
+
+    async def read(self, stream: AsyncIterator[bytes]) -> bytes:
+        """The whole body within --read-timeout (408), or 503 when ``limit`` are being read."""
+        if self.active >= self.limit:
+            detail = f"{self.active} request bodies are being received (--max-uploads)"
+            # Close: the body of this request is never read, so the connection cannot be reused.
+            raise HTTPProblem(503, "busy", detail, {"Retry-After": "1", "Connection": "close"})
+        self.active += 1
+        try:
+            return await read_body(stream, self.read_timeout)
+        finally:
+            self.active -= 1
 
 
 @dataclass

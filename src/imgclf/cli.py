@@ -85,6 +85,10 @@ def train(
     from imgclf.train.run import train as run_training
 
     config, overrides = _split_config_arg(config, overrides)
+    if resume is not None and config is None and overrides and (resume / "config.yaml").is_file():
+        # `--resume RUN key=value`: the overrides apply to the run's own config, not to the
+        # defaults (which would differ from it in every key the run's config set).
+        config = resume / "config.yaml"
     cfg = load_config(config, overrides) if (config or overrides or not resume) else None
     path = run_training(cfg, resume=resume, force=force, progress=progress, log=console.print)
     if not world_from_env().is_zero:

@@ -54,8 +54,10 @@ def render_report(run: Path) -> str:
     split_totals: Counter[str] = Counter()
     for counts in (data.get("split") or {}).values():
         split_totals.update(counts)
+    history = analysis.read_history(run / "metrics.csv")
     ctx: dict[str, Any] = {
         "run_id": run.name,
+        "train_time": training_time(summary, history),
         "summary": summary,
         "data": data,
         "split_totals": dict(split_totals),
@@ -81,6 +83,25 @@ def render_report(run: Path) -> str:
         ctx["label_issues"], ctx["label_issue_count"] = issues[:TABLE_ROWS], len(issues)
         ctx["gallery"] = top_loss_gallery(folder, Path(evaluation["root"]))
     return _template("report.html").render(**ctx)
+
+
+def training_time(summary: dict, history: list[dict[str, float]]) -> dict[str, Any]:
+    """The training time a page shows: {"seconds", "note"}.
+
+    summary.json's train_seconds covers only the last process's fit, so a resumed run (after
+    kill -9 or Ctrl-C) can show 0.0 s next to a real throughput; the epochs' own times in
+    metrics.csv survive every resume, so their sum is shown whenever it is the larger.
+    """
+    recorded = summary.get("train_seconds")
+    recorded = recorded if isinstance(recorded, (int, float)) else None
+    times = [r.get("seconds", math.nan) for r in history]
+    epochs = sum(t for t in times if math.isfinite(t))
+    if not history or (recorded is not None and recorded >= epochs):
+        return {"seconds": recorded, "note": None}
+    note = "sum of the epoch times in metrics.csv"
+    if recorded is not None:
+        note += f"; summary.json's {recorded:.1f} s covers only the last process (resumed)"
+    return {"seconds": epochs, "note": note}
 
 
 def primary_evaluation(run: Path) -> tuple[dict | None, str | None]:
@@ -140,13 +161,15 @@ def render_comparison(runs: list[Path], out_dir: Path) -> str:
     for run in runs:
         evaluation, error = primary_evaluation(run)
         report = run / REPORT_HTML
+        summary, history = _json(run / "summary.json"), analysis.read_history(run / "metrics.csv")
         entries.append(
             {
                 "id": run.name,
-                "summary": _json(run / "summary.json"),
+                "summary": summary,
                 "evaluation": evaluation,
                 "error": error,
-                "history": analysis.read_history(run / "metrics.csv"),
+                "history": history,
+                "train_time": training_time(summary, history),
                 "link": _relative(report, out_dir) if report.is_file() else None,
             }
         )

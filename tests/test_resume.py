@@ -82,9 +82,10 @@ def test_resume_with_an_override_equal_to_the_saved_value_resumes(finished_run, 
 
 
 def test_report_shows_the_real_training_time_of_a_resumed_run(finished_run, tmp_path):
-    """BAD_INPUTS F1: a run resumed after its last checkpoint (killed while finishing) records
-    train_seconds for the last process only (0.0 s); the report and comparison pages show the
-    epochs' time from metrics.csv instead of 0.0 s next to a real throughput."""
+    """BAD_INPUTS F1: a run resumed after its last checkpoint (killed while finishing) used to
+    record train_seconds for the last process only (0.0 s). The time now adds up over resumes
+    (it travels in the checkpoint); run folders written before that still show the epochs'
+    time from metrics.csv on the report and comparison pages, never 0.0 s."""
     from imgclf.train.run import train
 
     run = tmp_path / finished_run.name
@@ -94,10 +95,16 @@ def test_report_shows_the_real_training_time_of_a_resumed_run(finished_run, tmp_
     epochs = sum(
         float(row.split(",")[-2]) for row in (run / "metrics.csv").read_text().splitlines()[1:]
     )
-    assert summary["train_seconds"] < 0.05 < epochs  # the state the probe found
-    shown = _train_time(write_report(run).read_text())
+    assert summary["train_seconds"] >= epochs > 0.05  # the whole fit, over both processes
+    assert _train_time(write_report(run).read_text()) == f"{summary['train_seconds']:.1f}"
+
+    # A folder from before: summary.json with the last process's time only.
+    old = tmp_path / "before"
+    _copy_run(run, old)
+    (old / "summary.json").write_text(json.dumps({**summary, "train_seconds": 0.0}))
+    shown = _train_time(write_report(old).read_text())
     assert shown == f"{epochs:.1f}" and shown != "0.0"
-    compare = compare_runs([finished_run, run], tmp_path / "cmp.html").read_text()
+    compare = compare_runs([finished_run, old], tmp_path / "cmp.html").read_text()
     assert f'<td class="n">{epochs:.1f}</td></tr>' in compare
 
     # A run trained in one go keeps its own (larger) whole-fit time, without a note.

@@ -88,9 +88,10 @@ def render_report(run: Path) -> str:
 def training_time(summary: dict, history: list[dict[str, float]]) -> dict[str, Any]:
     """The training time a page shows: {"seconds", "note"}.
 
-    summary.json's train_seconds covers only the last process's fit, so a resumed run (after
-    kill -9 or Ctrl-C) can show 0.0 s next to a real throughput; the epochs' own times in
-    metrics.csv survive every resume, so their sum is shown whenever it is the larger.
+    summary.json's train_seconds adds up over resumes; in run folders written before it did, it
+    covers only the last process's fit, so a resumed run (after kill -9 or Ctrl-C) could show
+    0.0 s next to a real throughput. The epochs' own times in metrics.csv survive every resume,
+    so their sum is shown whenever it is the larger.
     """
     recorded = summary.get("train_seconds")
     recorded = recorded if isinstance(recorded, (int, float)) else None

@@ -61,6 +61,9 @@ class FitContext:
     features: StageFeatures | None = None  # set when train.features is "cache"
     # What would feed the device faster, for the data-wait warning (`watch_data_wait`).
     data_advice: str = "raise train.workers or set data.cache=auto"
+    # perf_counter() at which this run would have started had it never stopped: the training
+    # time so far (over every resume) is now minus this.
+    started: float = 0.0
 
 
 class Pruned(Exception):
@@ -82,6 +85,7 @@ class FitState:
     status: str = "running"
     data_wait: dict[str, Any] = field(default_factory=dict)  # wait_s, total_s, share, warned
     warnings: list[str] = field(default_factory=list)  # said once each; kept in summary.json
+    train_seconds: float = 0.0  # up to the last checkpoint, over every process that resumed
 
 
 def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitState:
@@ -355,6 +359,7 @@ def _save(ctx: FitContext, state: FitState, optimizer, schedule) -> None:
     rngs = gather_objects(ctx.fabric, rng_state())  # every rank's streams; rank 0 writes
     if not ctx.fabric.is_global_zero:
         return
+    state.train_seconds = round(time.perf_counter() - ctx.started, 3)
     save_checkpoint(
         ctx.run.path,
         {

@@ -199,7 +199,8 @@ def _data_advice(cfg: RunConfig, train_loader, device: str, world: int) -> str:
 
 def _fit_guarded(ctx: FitContext, cfg, run: RunDir, manifest, state, checkpoint, progress, log):
     """`fit` with every way out recorded: completed, interrupted, pruned, diverged, failed."""
-    t0 = time.perf_counter()
+    # Training time adds up over resumes (what ran after the last checkpoint is done again).
+    ctx.started = t0 = time.perf_counter() - state.train_seconds
 
     def finish(error: str | None = None) -> None:
         if not ctx.fabric.is_global_zero:  # predictions, plots, summary, MLflow: rank 0's job

@@ -11,6 +11,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import stat
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +91,121 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class NotRegularFile(ImgclfError):
+    """A path that names a FIFO, socket, device or folder: reading it could block forever."""
+
+    def __init__(self, path: object, kind: str) -> None:
+        self.path, self.kind = str(path), kind
+        super().__init__(f"{self.path}: not a regular file ({kind}); never opened")
+
+    def __reduce__(self):  # pool workers pickle errors back to the main process
+        return type(self), (self.path, self.kind)
+
+
+_SPECIAL_KINDS = (
+    (stat.S_ISDIR, "folder"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def special_kind(mode: int) -> str:
+    """'' for a regular file, else what the stat mode names ("FIFO", "socket", …)."""
+    if stat.S_ISREG(mode):
+        return ""
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), "special file")
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """Open a regular file for reading, refusing anything else (BAD_INPUTS 32).
+
+    os.stat comes first, so a FIFO or device is never opened at all; the open itself is
+    non-blocking and re-checked with fstat, so a FIFO swapped in between cannot block either.
+    """
+    _refuse_special(path, os.stat(path).st_mode)
+    f = open(path, "rb", opener=_open_nonblocking)  # noqa: SIM115 - returned to the caller
+    try:
+        _refuse_special(path, os.fstat(f.fileno()).st_mode)
+        os.set_blocking(f.fileno(), True)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def _refuse_special(path: str | os.PathLike, mode: int) -> None:
+    kind = special_kind(mode)
+    if kind == "folder":  # what open() says of a folder
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    if kind:
+        raise NotRegularFile(path, kind)
+
+
+def is_utf8(text: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_UTF8 = "file name is not valid UTF-8: rename it (shown here with \\xNN escapes)"
+# Python's csv writers quote a field with "\n" but not one with "\r" (with "\n" line ends), so
+# a carriage return (macOS's "Icon\r" files) would split a row of every CSV imgclf writes.
+CARRIAGE_RETURN = "file name holds a carriage return: rename it (shown here as \\r)"
+
+
+def unusable_name(path: str | os.PathLike) -> str:
+    """Why a path cannot be kept as text in manifests and CSV files ('' when it can): its
+    bytes are not UTF-8 (BAD_INPUTS 31), or it holds a carriage return."""
+    text = os.fsdecode(path)
+    if not is_utf8(text):
+        return NOT_UTF8
+    return CARRIAGE_RETURN if "\r" in text else ""
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A file name as text that every CSV and JSON writer keeps: bytes that are not UTF-8 as
+    \\xNN (BAD_INPUTS 31), a carriage return as \\r."""
+    text = os.fspath(name)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "backslashreplace")
+    elif not is_utf8(text):
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that no file name produced
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r")
+
+
+def die_with_parent(parent: int) -> None:
+    """Pool initializer: this worker is killed when `parent` (the command) dies, even by
+    SIGKILL, so no worker outlives the command (Linux; elsewhere a no-op)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    # The command may have died before prctl took effect. Its pid is checked, not our
+    # parent's: under forkserver the parent is the server (which dies with the command).
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        os._exit(1)
+    except PermissionError:
+        pass
 
 
 def _remove_quietly(path: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.manifest import Entry, collision_key, natural_key
+from imgclf.io import printable, unusable_name
 
 JUNK_FILES = {
     ".ds_store": "macOS .DS_Store",
@@ -74,7 +75,7 @@ def discover(
     if source.is_dir():
         return _discover_folder(source.resolve(), follow_symlinks)
     if source.is_file() and source.suffix.lower() in (".csv", ".tsv", ".txt"):
-        return _discover_csv(source, (root or source.parent).resolve(), labels)
+        return _discover_csv(source, (root or source.parent).resolve(), labels, follow_symlinks)
     raise FileNotFoundError(source)
 
 
@@ -124,7 +125,14 @@ def _top_dirs(folder: Path) -> list[str]:
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    return [n for n in names if not n.startswith(".") and n != "__MACOSX" and (folder / n).is_dir()]
+    return [
+        n
+        for n in names
+        if not n.startswith(".")
+        and n != "__MACOSX"
+        and not unusable_name(n)
+        and (folder / n).is_dir()
+    ]
 
 
 def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
@@ -136,11 +144,17 @@ def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
         return
     for it in items:
         r = f"{rel}/{it.name}" if rel else it.name
+        # Manifests and reports hold paths as text (BAD_INPUTS 31): a name that is not UTF-8
+        # (or holds a carriage return) is recorded escaped and never read. Folders with such
+        # names are never walked, so `rel` is always usable.
+        shown, bad_name = printable(r), unusable_name(it.name)
         if is_dir(it):
             if it.name == "__MACOSX":
-                d.ignore(r + "/", "__MACOSX folder")
+                d.ignore(shown + "/", "__MACOSX folder")
             elif it.name.startswith("."):
-                d.ignore(r + "/", "hidden folder")
+                d.ignore(shown + "/", "hidden folder")
+            elif bad_name:
+                d.skip(shown + "/", bad_name)
             elif it.is_symlink() and not _link_allowed(d.root, it.path, follow):
                 d.skip(r + "/", "symlink: folder link outside the data root not followed")
             elif (real := os.path.realpath(it.path)) in seen:
@@ -150,7 +164,9 @@ def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
             continue
         kind = ignored_kind(it.name)
         if kind:
-            d.ignore(r, kind)
+            d.ignore(shown, printable(kind))
+        elif bad_name:
+            d.skip(shown, bad_name)
         elif it.is_symlink() and not _link_allowed(d.root, it.path, follow):
             d.skip(r, "symlink: link outside the data root not followed")
         else:
@@ -220,7 +236,9 @@ def _listing(paths: list[str], limit: int = 10) -> str:
 # ---------------------------------------------------------------- CSV
 
 
-def _discover_csv(csv_path: Path, root: Path, labels: list[str] | None) -> Discovery:
+def _discover_csv(
+    csv_path: Path, root: Path, labels: list[str] | None, follow: str = "inside"
+) -> Discovery:
     d = Discovery(root=root, source="csv")
     # utf-8-sig drops a byte-order mark written by Excel (BAD_INPUTS #27).
     text = csv_path.read_bytes().decode("utf-8-sig", errors="replace")
@@ -252,6 +270,9 @@ def _discover_csv(csv_path: Path, root: Path, labels: list[str] | None) -> Disco
         if rel is None:
             d.errors.append(f"{where}: file not found: {path}")
             continue
+        if problem := _link_problem(root, rel, follow):
+            d.errors.append(f"{where}: {path} {problem}")
+            continue
         key = nfc(rel)
         if key in seen:
             first, first_label = seen[key]
@@ -275,6 +296,8 @@ def _csv_problem(root: Path, path: str, label: str, split: str, allowed: set[str
         return "empty path"
     if not label:
         return f"empty label for {path}"
+    if "\r" in path + label:
+        return f"{printable(path)!r}: a carriage return in a path or label; remove it"
     if allowed is not None and label not in allowed:
         return f"unknown label {label!r} (not in the given label list)"
     if split and split not in SPLIT_DIRS:
@@ -288,11 +311,33 @@ def _csv_problem(root: Path, path: str, label: str, split: str, allowed: set[str
 
 
 def _existing_rel(root: Path, path: str) -> str | None:
-    """The on-disk relative path, trying NFC and NFD spellings (BAD_INPUTS #15)."""
+    """The on-disk relative path, trying NFC and NFD spellings (BAD_INPUTS #15).
+
+    Anything but a folder counts: a FIFO or socket is then skipped by scan, never opened.
+    """
     p = Path(path)
     rel = p.relative_to(root) if p.is_absolute() else p
     for form in (None, "NFC", "NFD"):
         cand = rel.as_posix() if form is None else unicodedata.normalize(form, rel.as_posix())
-        if (root / cand).is_file():
+        if (root / cand).exists() and not (root / cand).is_dir():
             return cand
     return None
+
+
+def _link_problem(root: Path, rel: str, follow: str) -> str:
+    """Folder mode's symlink rule for a CSV row, on the resolved path (BAD_INPUTS 33): a link
+    (the file or a folder on its way) may not lead outside the resolved data root."""
+    real = Path(os.path.realpath(root / rel))
+    if follow == "all" or real == root / rel:  # the root is resolved: no link on the way
+        return ""
+    if follow == "none":
+        return (
+            f"goes through a symlink (to {real}) and data.scan.follow_symlinks=none; "
+            "name the real file, or set data.scan.follow_symlinks=inside"
+        )
+    if _inside(root, real):
+        return ""
+    return (
+        f"resolves through a symlink to {real}, outside the data root {root}; copy the file "
+        "into the root, pass --root to widen it, or set data.scan.follow_symlinks=all"
+    )

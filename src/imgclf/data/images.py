@@ -165,7 +165,11 @@ def load_image(
         # Notes first: reading the orientation caches the header EXIF on `im`, so exif_transpose
         # applies exactly the orientation that probe reports.
         notes = _header_notes(im, ext, frames)
-        upright = _decode(name, lambda: ImageOps.exif_transpose(im))
+        if _orientation(im) == 1:  # exif_transpose would return a copy of the decoded image
+            _decode(name, im.load)
+            upright = im
+        else:
+            upright = _decode(name, lambda: ImageOps.exif_transpose(im))
         rgb, mode_notes = _decode(name, lambda: _to_rgb(upright))
     rgb.info["imgclf_notes"] = tuple(notes + mode_notes)
     return rgb
@@ -241,8 +245,13 @@ def _binary(source: Source, name: str) -> Iterator[IO[bytes]]:
     if isinstance(source, _BYTES):
         yield io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
+        from imgclf.io import NotRegularFile, open_regular
+
         try:
-            fp = open(source, "rb")  # noqa: SIM115 - closed by the with below
+            # A FIFO or device is refused from its stat alone, never opened (BAD_INPUTS 32).
+            fp = open_regular(source)
+        except NotRegularFile as e:
+            raise ImageLoadError(name, "not a regular file", e.kind) from e
         except OSError as e:
             raise ImageLoadError(name, "unreadable", e.strerror or str(e)) from e
         with fp:

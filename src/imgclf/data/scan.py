@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -33,7 +32,15 @@ from imgclf.data.manifest import (
     write_manifest,
 )
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json
+from imgclf.io import (
+    NotRegularFile,
+    atomic_write_json,
+    die_with_parent,
+    open_regular,
+    printable,
+    special_kind,
+    unusable_name,
+)
 
 REPORT_JSON = "scan_report.json"
 # Settings that change what a check returns: rows are reused only when these match.
@@ -82,6 +89,12 @@ def scan(
     if not source.exists():
         raise ImgclfError(f"{source} does not exist; pass a class-folder tree or a CSV file")
     found = discover(source, cfg.follow_symlinks, root=root, labels=labels)
+    if problem := unusable_name(found.root):
+        # Manifest paths are text relative to the root, and the root is stored too.
+        raise ImgclfError(
+            f"the data root {printable(found.root)} cannot be stored in a manifest: "
+            f"{problem.split(':')[0]}; rename the folder with that name"
+        )
     reusable = _reusable_rows(previous, found.root, cfg)
     entries, reused = _check_all(found, cfg, reusable, progress)
     entries.extend(found.entries)
@@ -126,6 +139,9 @@ def _check_all(
         except OSError as e:
             done.append(_entry(c, status="skipped", reason=f"unreadable: {e.strerror}"))
             continue
+        if kind := special_kind(st.st_mode):  # a FIFO would block the worker that opens it
+            done.append(_entry(c, status="skipped", reason=f"not a regular file: {kind}"))
+            continue
         old = reusable.get(c.rel)
         if old and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
             done.append(replace(old, label=c.label, split=c.split))
@@ -148,7 +164,8 @@ def _run_checks(jobs: list[tuple[str, int, int]], workers: int, progress: bool) 
         results: Iterator[dict] = map(check_file, jobs)
         yield from _with_progress(results, len(jobs), progress)
         return
-    with ProcessPoolExecutor(max_workers=n) as pool:
+    pool = ProcessPoolExecutor(n, initializer=die_with_parent, initargs=(os.getpid(),))
+    with pool:
         chunk = max(1, min(64, len(jobs) // (n * 8)))
         yield from _with_progress(pool.map(check_file, jobs, chunksize=chunk), len(jobs), progress)
 
@@ -170,8 +187,10 @@ def check_file(job: tuple[str, int, int]) -> dict:
     """Worker: read once, hash, fully decode. Returns Entry fields as plain values."""
     path, max_pixels, min_side = job
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # checked again: the file may have changed since stat
             data = f.read()
+    except NotRegularFile as e:
+        return {"status": "skipped", "reason": f"not a regular file: {e.kind}"}
     except OSError as e:
         return {"status": "skipped", "reason": f"unreadable: {e.strerror or e}"}
     sha = hashlib.sha256(data).hexdigest()
@@ -299,9 +318,8 @@ def build_report(m: Manifest, dups: dict[str, list], reused: int, seconds: float
                 unsupported[os.path.splitext(e.path)[1].lower() or "(none)"] += 1
         elif e.status == "ignored":
             ignored[e.reason] += 1
-    normalised: Counter[str] = Counter(
-        re.sub(r"\d+", "N", note) for e in ok for note in e.reason.split("; ") if note
-    )
+    # The notes as written ("16-bit scaled to 8-bit"): their numbers are the information.
+    normalised: Counter[str] = Counter(note for e in ok for note in e.reason.split("; ") if note)
     by_split = Counter((e.split, e.label) for e in ok if e.split)
     splits = {
         s: {c: by_split[s, c] for c in m.labels.names}

@@ -184,7 +184,7 @@ def test_cli_in_a_subprocess_reads_stdin_and_writes_csv(run, tmp_path):
         "top1_label",
         "top1_prob",
     ]
-    assert "1 predicted, 1 errors" in r.stderr
+    assert "1 predicted, 1 failed (1 empty file)" in r.stderr
 
 
 def test_load_predictor_opens_a_single_run(run):

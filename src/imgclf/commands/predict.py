@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -57,9 +58,27 @@ def predict(
         device=device,
         progress=progress and sys.stderr.isatty(),
     )
-    errors = sum(r["status"] != "ok" for r in rows)
-    where = f" → {out}" if out else ""
-    print(f"{len(rows) - errors} predicted, {errors} errors{where}", file=sys.stderr)
+    from imgclf.predict.output import is_stdout
+
+    where = "" if is_stdout(out) else f" → {out}"
+    print(summary(rows) + where, file=sys.stderr)
+
+
+def summary(rows: list[dict]) -> str:
+    """'N predicted, M failed (K kind, …)': exit status 0 even then, so stderr says it."""
+    failed = Counter(_kind(r["reason"]) for r in rows if r["status"] != "ok")
+    n = sum(failed.values())
+    kinds = ", ".join(f"{k} {kind}" for kind, k in sorted(failed.items(), key=_most_first))
+    return f"{len(rows) - n} predicted, {n} failed" + (f" ({kinds})" if kinds else "")
+
+
+def _most_first(item: tuple[str, int]) -> tuple[int, str]:
+    return -item[1], item[0]
+
+
+def _kind(reason: str) -> str:
+    # "truncated or corrupt (detail)" / "file name is not valid UTF-8: rename it" → the kind
+    return re.split(r" \(|: ", reason or "not predicted", maxsplit=1)[0]
 
 
 def predict_files(
@@ -80,7 +99,7 @@ def predict_files(
 ) -> list[dict]:
     """What `imgclf predict` does after parsing: models + inputs → rows, written out."""
     from imgclf.predict.inputs import expand, split_runs
-    from imgclf.predict.output import build_rows, columns, output_format, write_rows
+    from imgclf.predict.output import build_rows, columns, is_stdout, output_format, write_rows
 
     runs, inputs = split_runs(args)
     if not runs:
@@ -90,6 +109,7 @@ def predict_files(
         )
     if not inputs:
         raise ImgclfError("no inputs after the run folder(s): give files, folders, lists or -")
+    out = None if is_stdout(out) else out  # `-o -` is standard output, not a file named "-"
     fmt = output_format(out, fmt)
     predictor = _load(runs, vote, weights, _device(device))
     found = expand(inputs, stdin)

@@ -10,6 +10,8 @@ everything after the first other argument is an input:
 - a `.csv` / `.tsv` file: a list with a `path` column (other columns ignored); relative paths
   are relative to the list's folder;
 - `-`: one path per line on standard input (files or folders; blank lines skipped);
+- a FIFO, socket or device is never opened (an error row: not a regular file), and a name that
+  is not valid UTF-8 is never read (an error row with the name escaped), as scan skips both;
 - anything else: one file, whatever its extension or whether it exists (a missing or
   unreadable file becomes an error row, not a failure).
 """
@@ -54,13 +56,21 @@ def expand(args: Sequence[str], stdin: TextIO | None = None) -> Inputs:
     out = Inputs()
     for arg in args:
         if arg == "-":
-            lines = (stdin or sys.stdin).read().splitlines()
+            lines = _read_stdin(stdin).splitlines()
             for line in lines:
                 if line.strip():
                     _expand_one(line.strip(), out, allow_lists=False)
         else:
             _expand_one(arg, out, allow_lists=True)
     return out
+
+
+def _read_stdin(stdin: TextIO | None) -> str:
+    if stdin is not None:
+        return stdin.read()
+    # Bytes, decoded as the OS decodes file names: a name that is not UTF-8 then reaches the
+    # predictor (which refuses it by name) instead of failing the whole read.
+    return os.fsdecode(sys.stdin.buffer.read())
 
 
 def _expand_one(arg: str, out: Inputs, allow_lists: bool) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from imgclf.data.images import DEFAULT_MAX_PIXELS, Source, load_image
+from imgclf.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, Source, load_image
 from imgclf.errors import ImgclfError
 
 RESAMPLE = {
@@ -75,10 +75,14 @@ def preprocess_batch(images: Sequence[Image.Image], preprocessing: Mapping[str, 
 
 
 def load_input(
-    source: Source, preprocessing: Mapping[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: Source,
+    preprocessing: Mapping[str, Any],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
 ) -> np.ndarray:
     """A file, bytes or stream → (3, S, S) float32, decoded exactly as prediction decodes it
-    (raises `ImageLoadError` for files the image loader refuses)."""
+    (raises `ImageLoadError` for files the image loader refuses, too small ones included)."""
     size = int(preprocessing["input_size"])
-    image = load_image(source, max_pixels=max_pixels, min_side=1, size_hint=size)
+    image = load_image(source, max_pixels=max_pixels, min_side=min_side, size_hint=size)
     return preprocess(image, preprocessing)

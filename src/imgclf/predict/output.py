@@ -7,8 +7,10 @@ One row per input file, in input order, with these columns:
   p_<class> …                                       (one per class, with --probs)
 
 An error row has status "error", the loader's reason ("truncated or corrupt (…)", "empty file",
-"over pixel cap (…)", …) and empty prediction fields. CSV writes probabilities with 6 decimals;
-JSON Lines writes one object per row with the same keys (numbers as numbers, null when empty).
+"over pixel cap (…)", "not a regular file (FIFO)", …) and empty prediction fields. A path that is
+not valid UTF-8 is not read and is shown with \\xNN escapes. CSV writes probabilities with 6
+decimals; JSON Lines writes one object per row with the same keys (numbers as numbers, null when
+empty).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_text
+from imgclf.io import atomic_write_text, printable
 
 FORMATS = ("csv", "jsonl")
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -46,12 +48,13 @@ def build_rows(preds, labels: Sequence[str], top_k: int = 5, probs: bool = False
     top = values.topk(k, dim=1) if k and len(values) else None
     rows = []
     for i, path in enumerate(preds.paths):
-        row: dict[str, Any] = {"path": path}
+        # A name that is not UTF-8 is shown escaped, so the output is always written.
+        row: dict[str, Any] = {"path": printable(path)}
         r = row_of.get(i)
         if r is None:
             reason = preds.errors.get(i, "not predicted")
             row.update(predicted=None, probability=None, status="error")
-            row["reason"] = reason.removeprefix(f"{path}: ")
+            row["reason"] = printable(reason.removeprefix(f"{path}: "))
             rows.append(row)
             continue
         assert top is not None
@@ -65,13 +68,18 @@ def build_rows(preds, labels: Sequence[str], top_k: int = 5, probs: bool = False
     return rows
 
 
+def is_stdout(out: Path | str | None) -> bool:
+    """`-o -` (or no -o) means standard output, never a file named "-"."""
+    return out is None or str(out) == "-"
+
+
 def output_format(out: Path | None, fmt: str | None) -> str:
     """--format wins; else the -o suffix (.csv, .jsonl, .ndjson); else csv."""
     if fmt is not None:
         if fmt not in FORMATS:
             raise ImgclfError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
         return fmt
-    if out is None:
+    if out is None or is_stdout(out):
         return "csv"
     suffix = out.suffix.lower()
     if suffix not in _SUFFIXES:
@@ -104,7 +112,7 @@ def _csv_value(v: Any) -> str:
 def write_rows(rows: Sequence[dict], cols: Sequence[str], out: Path | None, fmt: str) -> None:
     """To the file (atomically: never a half-written result) or to standard output."""
     text = render(rows, cols, fmt)
-    if out is None:
+    if is_stdout(out):
         sys.stdout.write(text)
         sys.stdout.flush()
     else:

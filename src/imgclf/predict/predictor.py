@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imgclf.data.images import load_image
+from imgclf.data.images import DEFAULT_MIN_SIDE, load_image
 from imgclf.data.loaders import PathsDataset, make_loader
 from imgclf.data.transforms import eval_transform, multicrop_transform
 from imgclf.errors import ImgclfError
+from imgclf.io import unusable_name
 from imgclf.models import Preprocessing, model_from_spec
 from imgclf.runs.checkpoint import load_state_strict, load_weights
 from imgclf.runs.record import MODEL_JSON
@@ -51,11 +52,13 @@ class Predictor:
         preprocessing: Preprocessing,
         labels: list[str],
         device: str = "cpu",
+        min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         self.model = model.to(device).eval()
         self.preprocessing = preprocessing
         self.labels = labels
         self.device = device
+        self.min_side = min_side  # smaller images are refused, as scan refused them
 
     @classmethod
     def from_run(cls, run: str | Path, device: str = "cpu") -> Predictor:
@@ -67,7 +70,8 @@ class Predictor:
         model = model_from_spec(meta["spec"])
         weights = run / meta.get("weights", "model.safetensors")
         load_state_strict(model, load_weights(weights), weights)
-        return cls(model, Preprocessing.from_dict(meta["preprocessing"]), meta["labels"], device)
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+        return cls(model, pre, meta["labels"], device, min_side=scan_min_side(run))
 
     def transform(self, tta: str | None = None):
         """The per-image transform for a TTA mode (multi-crop yields a stack of views)."""
@@ -99,7 +103,8 @@ class Predictor:
 
     def predict(self, images: Sequence, tta: str | None = None) -> torch.Tensor:
         """Probabilities for PIL images, paths or bytes (files go through the image loader)."""
-        return self.predict_images(as_images(images, self.preprocessing.input_size), tta)
+        loaded = as_images(images, self.preprocessing.input_size, self.min_side)
+        return self.predict_images(loaded, tta)
 
     def predict_paths(
         self,
@@ -109,18 +114,30 @@ class Predictor:
         tta: str | None = None,
         progress: Progress | None = None,
     ) -> Predictions:
-        """Files → probabilities; unreadable files are reported per index, never fatal."""
-        ds = PathsDataset(paths, self.transform(tta), size_hint=self.preprocessing.input_size)
-        probs, ok, errors = [], [], {}
+        """Files → probabilities; unreadable files are reported per index, never fatal.
+
+        A name that is not valid UTF-8 (or holds a carriage return) is refused unread, as scan
+        refuses it (BAD_INPUTS 31).
+        """
+        names = [str(p) for p in paths]
+        errors = {i: why for i, name in enumerate(names) if (why := unusable_name(name))}
+        if progress is not None and errors:
+            progress(len(errors))
+        keep = [i for i in range(len(names)) if i not in errors]  # dataset index → path index
+        size = self.preprocessing.input_size
+        ds = PathsDataset([names[i] for i in keep], self.transform(tta), size_hint=size)
+        # Scan's minimum side (BAD_INPUTS 12): PathsDataset itself lets any size through.
+        ds.load_kw["min_side"] = self.min_side
+        probs, ok = [], []
         for batch in make_loader(ds, batch_size, workers=workers):
-            errors.update({b.index: b.reason for b in batch["bad"]})
+            errors.update({keep[b.index]: b.reason for b in batch["bad"]})
             if batch["x"] is not None:
                 probs.append(self.predict_tensor(batch["x"], tta))
-                ok.extend(batch["index"].tolist())
+                ok.extend(keep[i] for i in batch["index"].tolist())
             if progress is not None:
                 progress(len(batch["bad"]) + (0 if batch["x"] is None else len(batch["x"])))
         stacked = torch.cat(probs) if probs else torch.empty(0, len(self.labels))
-        return Predictions([str(p) for p in paths], stacked, ok, errors)
+        return Predictions(names, stacked, ok, errors)
 
     def probability_module(self) -> nn.Module:
         """A module from float RGB 0..1 NCHW at input_size to probabilities (normalises inside)."""
@@ -140,13 +157,27 @@ class NormalisedSoftmax(nn.Module):
         return F.softmax(self.model((x - self.mean) / self.std).float(), dim=1)
 
 
-def as_images(items: Sequence, size_hint: int | None = None) -> list:
+def as_images(
+    items: Sequence, size_hint: int | None = None, min_side: int = DEFAULT_MIN_SIDE
+) -> list:
     """PIL images pass through; paths and bytes are opened with the one image loader."""
     from PIL import Image
 
-    return [
-        im if isinstance(im, Image.Image) else load_image(im, size_hint=size_hint) for im in items
-    ]
+    kw = {"size_hint": size_hint, "min_side": min_side}
+    return [im if isinstance(im, Image.Image) else load_image(im, **kw) for im in items]
+
+
+def scan_min_side(run: str | Path) -> int:
+    """The run's data.scan.min_side (from config.yaml), else scan's default: an image smaller
+    than the run's data allowed is refused at prediction too. Export folders use the default."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((Path(run) / "config.yaml").read_text(encoding="utf-8"))
+        value = config["data"]["scan"]["min_side"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return DEFAULT_MIN_SIDE
+    return value if isinstance(value, int) and value >= 1 else DEFAULT_MIN_SIDE
 
 
 def merge_predictions(paths: Sequence[str | Path], parts: Sequence[Predictions]):

@@ -19,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, torch_load_reason
 from imgclf.models.model import Preprocessing
 
 PRETRAINED_CHOICES = ("none", "packaged", "hub", "file:PATH")
@@ -146,21 +146,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise ImgclfError(
             f"{path} cannot be loaded safely: torch.load(weights_only=True) refused it "
-            f"({_unpickling_reason(e)}). It may hold pickled Python objects, which would run "
+            f"({torch_load_reason(e)}). It may hold pickled Python objects, which would run "
             f"code when loaded, or not be a PyTorch file at all. Re-save only the weights: "
             f"torch.save(model.state_dict(), PATH), or save_file() them as .safetensors"
         ) from None
     except Exception as e:
         raise ImgclfError(f"{path} is not a readable PyTorch state dict: {e}") from None
     return _strip_prefixes(_unwrap(obj, path))
-
-
-def _unpickling_reason(err: Exception) -> str:
-    # torch's message suggests weights_only=False; keep only the line that says what failed.
-    skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    kept = [ln for ln in lines if not ln.startswith(skip)]
-    return "; ".join(kept) or "unsupported content"
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:

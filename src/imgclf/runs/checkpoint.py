@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from imgclf.errors import ImgclfError
+from imgclf.errors import ImgclfError, torch_load_reason
 from imgclf.io import atomic_write_bytes
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -70,12 +70,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # Never torch's own advice (weights_only=False "will likely succeed"): this file may
+        # come from anyone, and that advice would run its code.
         raise ImgclfError(
             f"{path} refused: it holds objects other than tensors and plain values "
-            f"(not loaded, nothing executed): {str(e).splitlines()[0]}"
+            f"(not loaded, nothing executed): {torch_load_reason(e)}. Do not load it another "
+            "way; resume from a checkpoint you made, or train again"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise ImgclfError(f"{path} is truncated or corrupt ({type(e).__name__}: {e})") from None
+        reason = f"{type(e).__name__}: {torch_load_reason(e)}"
+        raise ImgclfError(f"{path} is truncated or corrupt ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ImgclfError(f"{path} is not an imgclf checkpoint (format {CHECKPOINT_FORMAT})")
     if state.get("digest") != digest(state):

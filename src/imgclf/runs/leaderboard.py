@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from imgclf.errors import ImgclfError
+from imgclf.runs.owner import owner_gone
 
 # The same names as runs/record.py, which imports torch (kept out of this fast path).
 SUMMARY_JSON, CONFIG_YAML, MODEL_JSON, EVALUATIONS = (
@@ -156,6 +157,12 @@ def read_run(path: Path) -> dict[str, Any]:
             "error": summary.get("error"),
         }
     )
+    if row["status"] == "running" and (why := owner_gone(path)):
+        # kill -9 or a power cut leaves `running` behind; the folder itself is left as it is.
+        row["status"] = "dead"
+        row["error"] = row["error"] or (
+            f"stopped without recording it: {why}; continue it with `imgclf train --resume {path}`"
+        )
     return row
 
 

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: env demo test lint fmt bench lock clean system-deps
+.PHONY: env demo test lint fmt bench gpu-check lock clean system-deps
 
 env: $(STAMP)
 
@@ -45,6 +45,13 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan.py
 	$(BIN)/python benchmarks/train_loop.py
+
+# Every CUDA code path at small size + throughput, on a GPU machine (benchmarks/gpu_check.py;
+# without a GPU it says so and exits 0). Never builds .venv: GPU machines often have no network,
+# so without .venv it uses python3 with torch, timm, lightning, … already installed.
+gpu-check:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS); \
+	else PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS); fi
 
 # Re-pin every package in the environment (run after changing dependencies in pyproject.toml).
 lock: $(STAMP)

@@ -1,7 +1,7 @@
 """imgclf's standard training loader against a plain torchvision script, on the CPU (issue 12).
 
     .venv/bin/python benchmarks/loader.py [--images 400] [--photo 500x375] [--size 224]
-        [--batch 32] [--epochs 3] [--workers 0,2] [--rounds 2] [--out bench_loader.json]
+        [--batch 32] [--epochs 3] [--workers 0,2] [--rounds 5] [--out bench_loader.json]
 
 No model: only the loaders, so the figure is the data pipeline's own speed. On the same generated
 JPEG folder (made once under $IMGCLF_CACHE/bench/), with the same workers and batch size:
@@ -12,9 +12,11 @@ JPEG folder (made once under $IMGCLF_CACHE/bench/), with the same workers and ba
       the one image loader (EXIF orientation, colour normalisation), per-sample seeds (exact
       resume, worker-count independent augmentation), bad-image skipping.
 Each pipeline runs --epochs epochs per round (the first, with worker start-up, is not counted);
-rounds alternate the pipelines so a change in machine load hits them alike. Prints images/s per
-pipeline and worker count and the ratios the issue's targets are written in:
-light / reference (target ≥ 1.0) and default's cost per image / light's (target ≤ 1.5).
+within a round the pipelines run back to back in a rotating order and the ratios are taken per
+round, then the median over rounds is reported, so drift in the machine's speed (large on a
+shared host) hits both sides of each ratio alike. Prints images/s per pipeline and worker count
+and the ratios the issue's targets are written in: light / reference (target ≥ 1.0) and
+default's cost per image / light's (target ≤ 1.5).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -108,7 +111,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", default="0,2")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("bench_loader.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)  # a DataLoader worker's setting; the same for workers=0
@@ -120,24 +123,32 @@ def main() -> None:
         "default": lambda k: imgclf_loader(folder, args.size, args.batch, k, "default"),
     }
     rows = []
+    names = list(pipelines)
     for workers in (int(x) for x in args.workers.split(",")):
-        rates: dict[str, list[float]] = {name: [] for name in pipelines}
-        for _ in range(args.rounds):
-            for name, make in pipelines.items():
-                rate, _n = images_per_s(make(workers), args.epochs)
+        rates: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(args.rounds):
+            # Back to back, in a rotating order: each round's ratios compare like with like
+            # even when the machine's speed drifts (shared hosts do, by ±20 %).
+            for name in names[r % 3 :] + names[: r % 3]:
+                rate, _n = images_per_s(pipelines[name](workers), args.epochs)
                 rates[name].append(rate)
-        best = {name: max(r) for name, r in rates.items()}  # the least disturbed round
+        light_ratio = [a / b for a, b in zip(rates["light"], rates["reference"], strict=True)]
+        default_cost = [a / b for a, b in zip(rates["light"], rates["default"], strict=True)]
         row = {
             "workers": workers,
-            **{f"{name}_images_per_s": best[name] for name in pipelines},
-            "light_vs_reference": best["light"] / best["reference"],
-            "default_cost_vs_light": best["light"] / best["default"],
+            **{f"{name}_images_per_s": statistics.median(rates[name]) for name in names},
+            "light_vs_reference": statistics.median(light_ratio),
+            "light_vs_reference_rounds": light_ratio,
+            "default_cost_vs_light": statistics.median(default_cost),
+            "default_cost_vs_light_rounds": default_cost,
         }
         rows.append(row)
         print(
-            f"workers {workers}: reference {best['reference']:.0f} img/s, imgclf light "
-            f"{best['light']:.0f}, default {best['default']:.0f} | light / reference "
-            f"{row['light_vs_reference']:.2f} (target ≥ 1.0), default cost / light "
+            f"workers {workers}: reference {row['reference_images_per_s']:.0f} img/s, imgclf "
+            f"light {row['light_images_per_s']:.0f}, default {row['default_images_per_s']:.0f} "
+            f"(medians of {args.rounds} rounds) | light / reference "
+            f"{row['light_vs_reference']:.2f} (target ≥ 1.0; rounds "
+            f"{', '.join(f'{x:.2f}' for x in light_ratio)}), default cost / light "
             f"{row['default_cost_vs_light']:.2f} (target ≤ 1.5)"
         )
     args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows},

@@ -195,14 +195,14 @@ def test_strong_pipeline_order_geometric_then_colour_then_tensor_ops():
     assert names == [
         "RandomResizedCrop",
         "RandomHorizontalFlip",
-        "RandomAffine",
-        "ToNormalised",  # float → colour jitter → noise → Normalize, at the output size
+        "ToNormalised",  # float → affine → colour jitter → noise → Normalize, at the output size
         "RandomErasing",
         "ToPureTensor",
     ]
-    tail = t.transforms[3]
+    tail = t.transforms[2]
     assert tail.jitter is not None and tail.jitter.j == 0.4 and tail.noise == 0.03
-    assert t.transforms[2].fill  # fill is set (uint8 mean colour), before Normalize
+    expected_fill = torch.tensor([round(255 * m) / 255 for m in MEAN])
+    assert torch.allclose(tail.affine.fill.flatten(), expected_fill)  # before Normalize
 
 
 def test_to_normalised_computes_torchvisions_values_exactly():
@@ -268,3 +268,26 @@ def test_colour_jitter_draws_as_torchvision_and_blends_as_torchvision():
     assert r > b + 0.1 and g > b + 0.1
     luma = torch.tensor([0.299, 0.587, 0.114])
     assert abs(luma @ torch.tensor([r, g, b]) - luma @ torch.tensor([0.6, 0.4, 0.4])) < 1e-3
+
+
+@pytest.mark.parametrize("fill", [0, 255])
+def test_tensor_affine_draws_as_random_affine_and_matches_torchvisions_kernel(fill):
+    """Same draws as RandomAffine for a seed; the same pixels as torchvision's bilinear tensor
+    affine with the fill composited by coverage (the batch path's rule), up to float rounding;
+    outside the image exactly the fill."""
+    from imgclf.data.transforms import TensorAffine
+
+    x = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(1))
+    affine = TensorAffine(20.0, 0.1, 10.0, fill)
+    reference = v2.RandomAffine(degrees=20.0, translate=(0.1, 0.1), shear=(-10, 10, -10, 10))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = affine(x)
+        torch.manual_seed(seed)
+        p = reference.make_params([x])
+        kw = dict(p, interpolation=F.InterpolationMode.BILINEAR)
+        coverage = F.affine(torch.ones(1, 40, 40), **kw)
+        expected = F.affine(x, **kw) + (1 - coverage) * fill / 255
+        assert (out - expected).abs().max() < 1e-4, seed
+        outside = (coverage[0] == 0).expand(3, -1, -1)
+        assert torch.equal(out[outside], torch.full_like(out[outside], fill / 255))

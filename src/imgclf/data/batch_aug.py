@@ -46,6 +46,7 @@ from imgclf.data.preview import _font, _text_width, to_pil
 from imgclf.data.transforms import (
     _fill,
     _interpolation,
+    affine_theta,
     apply_colour_steps,
     colour_steps,
     resolve_augment,
@@ -297,15 +298,9 @@ def _erasing_boxes(u: np.ndarray, size: int, p: float) -> np.ndarray:
 
 
 def _affine_theta(p: AugParams, size: int) -> np.ndarray:
-    """torchvision's inverse affine matrix (centre of the image, scale 1), normalised: [B, 6]."""
-    rot, sx, sy = (np.radians(_np(t)) for t in (p.angle, p.shear_x, p.shear_y))
-    a = np.cos(rot - sy) / np.cos(sy)
-    b = -np.cos(rot - sy) * np.tan(sx) / np.cos(sy) - np.sin(rot)
-    c = np.sin(rot - sy) / np.cos(sy)
-    d = -np.sin(rot - sy) * np.tan(sx) / np.cos(sy) + np.cos(rot)
-    tx, ty = _np(p.translate_x), _np(p.translate_y)
-    shift_x, shift_y = (-d * tx + b * ty) * 2 / size, (c * tx - a * ty) * 2 / size
-    return np.stack([d, -b, shift_x, -c, a, shift_y], 1)
+    """The samples' affine matrices for grid_sample (`transforms.affine_theta`): [B, 6]."""
+    values = (p.angle, p.translate_x, p.translate_y, p.shear_x, p.shear_y)
+    return affine_theta(*(_np(t) for t in values), size)
 
 
 def _colour_steps(p: AugParams) -> np.ndarray:

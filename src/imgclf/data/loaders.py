@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imgclf.data.images import ImageLoadError, load_image
 from imgclf.data.manifest import Entry, LabelMap
@@ -181,7 +181,10 @@ def collate(batch: list) -> dict:
     if not good:
         return {"x": None, "y": None, "index": None, "bad": bad}
     xs, ys, idx = zip(*good, strict=True)
-    return {"x": torch.stack(xs), "y": torch.tensor(ys), "index": torch.tensor(idx), "bad": bad}
+    # default_collate stacks straight into shared memory inside a worker process; a plain
+    # torch.stack would be copied there once more on its way to the main process.
+    x = default_collate(list(xs))
+    return {"x": x, "y": torch.tensor(ys), "index": torch.tensor(idx), "bad": bad}
 
 
 def make_loader(

@@ -37,7 +37,7 @@ from imgclf.data.cache import (
 )
 from imgclf.data.images import ImageLoadError, load_image
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, file_sha256
+from imgclf.io import atomic_write_json, die_with_parent, file_sha256
 
 OWNER_FILE = ".owner"  # host and pid of the builder, inside its temporary folder only
 
@@ -197,7 +197,9 @@ def _decode_all(
         for i, reason in _with_progress(done, n, progress):
             reasons[i] = reason
     else:
-        with ProcessPoolExecutor(max_workers=procs) as pool:
+        # Workers die with this process, even under kill -9: none is left decoding.
+        pool = ProcessPoolExecutor(procs, initializer=die_with_parent, initargs=(os.getpid(),))
+        with pool:
             for i, reason in _with_progress(pool.map(decode_chunk, jobs), n, progress):
                 reasons[i] = reason
     with open(file, "rb+") as f:

@@ -227,10 +227,11 @@ class PathsDataset(Dataset):
         *,
         size_hint: int | None = None,
         max_pixels: int = 89_478_485,
+        min_side: int = 1,
     ) -> None:
         self.paths = [str(p) for p in paths]
         self.transform = transform
-        self.load_kw = {"size_hint": size_hint, "max_pixels": max_pixels, "min_side": 1}
+        self.load_kw = {"size_hint": size_hint, "max_pixels": max_pixels, "min_side": min_side}
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -125,9 +125,10 @@ class Predictor:
             progress(len(errors))
         keep = [i for i in range(len(names)) if i not in errors]  # dataset index → path index
         size = self.preprocessing.input_size
-        ds = PathsDataset([names[i] for i in keep], self.transform(tta), size_hint=size)
-        # Scan's minimum side (BAD_INPUTS 12): PathsDataset itself lets any size through.
-        ds.load_kw["min_side"] = self.min_side
+        # Scan's minimum side (BAD_INPUTS 12): what scan refused is refused here too.
+        ds = PathsDataset(
+            [names[i] for i in keep], self.transform(tta), size_hint=size, min_side=self.min_side
+        )
         probs, ok = [], []
         for batch in make_loader(ds, batch_size, workers=workers):
             errors.update({keep[b.index]: b.reason for b in batch["bad"]})

@@ -264,6 +264,45 @@ class ColourJitter:
         return x
 
 
+_PIL_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class CropFlip:
+    """RandomResizedCrop + RandomHorizontalFlip + RandomVerticalFlip on a PIL image, drawn as
+    those three draw (RandomResizedCrop's `make_params`, then one `torch.rand(1)` per flip) and
+    resampled once by PIL straight from the crop box (`resize(box=...)`: no intermediate crop,
+    no v2 dispatch — the random resized crop is the largest cost after decoding)."""
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float],
+        hflip: float = 0.0,
+        vflip: float = 0.0,
+        interpolation: str = "bilinear",
+    ) -> None:
+        self.size, self.hflip, self.vflip = int(size), float(hflip), float(vflip)
+        _interpolation(interpolation)  # the same names and error as everywhere
+        self.crop = v2.RandomResizedCrop(size, scale=scale)
+        self.resample = _PIL_RESAMPLE[interpolation]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        p = self.crop.make_params([image])
+        top, left, h, w = p["top"], p["left"], p["height"], p["width"]
+        out = image.resize(
+            (self.size, self.size), self.resample, box=(left, top, left + w, top + h)
+        )
+        if self.hflip and torch.rand(1) < self.hflip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.vflip and torch.rand(1) < self.vflip:
+            out = out.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        return out
+
+
 class ToNormalised:
     """PIL RGB image → normalised float tensor [3, H, W]: what ToImage, ToDtype(scale=True),
     [colour jitter], [GaussianNoise(clip=True)] and Normalize compute, value for value, without
@@ -324,12 +363,12 @@ def train_transform(
     mode = _interpolation(interpolation)
     if r["scale"] is None:
         steps = _resize_crop(size, crop_pct, mode)
+        if r["hflip"]:
+            steps.append(v2.RandomHorizontalFlip(r["hflip"]))
+        if r["vflip"]:
+            steps.append(v2.RandomVerticalFlip(r["vflip"]))
     else:
-        steps = [v2.RandomResizedCrop(size, scale=tuple(r["scale"]), interpolation=mode)]
-    if r["hflip"]:
-        steps.append(v2.RandomHorizontalFlip(r["hflip"]))
-    if r["vflip"]:
-        steps.append(v2.RandomVerticalFlip(r["vflip"]))
+        steps = [CropFlip(size, tuple(r["scale"]), r["hflip"], r["vflip"], interpolation)]
     affine = None
     if r["rotation"] or r["shear"] or r["translate"]:
         fill = _fill(r["fill"], mean)

@@ -95,7 +95,7 @@ def test_report_shows_the_real_training_time_of_a_resumed_run(finished_run, tmp_
     epochs = sum(
         float(row.split(",")[-2]) for row in (run / "metrics.csv").read_text().splitlines()[1:]
     )
-    assert summary["train_seconds"] >= epochs > 0.05  # the whole fit, over both processes
+    assert summary["train_seconds"] >= epochs > 0  # the whole fit, over both processes
     assert _train_time(write_report(run).read_text()) == f"{summary['train_seconds']:.1f}"
 
     # A folder from before: summary.json with the last process's time only.

@@ -225,7 +225,7 @@ def test_images_that_vanish_after_the_scan_are_skipped_and_counted(data, tmp_pat
 
     manifest_dir = tmp_path / "scanned"
     scan_to(data, manifest_dir, ScanConfig(workers=1), progress=False)
-    split, _ = split_and_save(manifest_dir, load_config(None).data.split)
+    split, _ = split_and_save(manifest_dir, load_config(None, TINY).data.split)
     gone = split.split_entries("train")[:2]
     for e in gone:
         (data / e.path).unlink()
@@ -280,3 +280,39 @@ def test_train_compile_traces_the_model_and_saves_plain_weights(data, tmp_path, 
     assert not [k for k in weights(run) if "_orig_mod" in k]
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert Predictor.from_run(run).labels == ["a", "b", "c"]
+
+
+def test_each_stage_logs_its_learning_rate_per_parameter_group(data, tmp_path):
+    stages = (
+        "train.stages=[{trainable: head, epochs: 1, lr: 0.01}, "
+        "{trainable: all, epochs: 1, lr: 0.001, backbone_lr_mult: 0.1}]"
+    )
+    lines = []
+    train(
+        cfg_for(data, tmp_path, stages, "tracking.mlflow=false"), progress=False, log=lines.append
+    )
+    shown = [str(line) for line in lines if str(line).startswith("lr per group")]
+    assert len(shown) == 2, lines
+    assert shown[0].startswith("lr per group (params): head 1.00e-02 (")
+    assert "backbone" not in shown[0]
+    assert "backbone 1.00e-04 (" in shown[1] and "head 1.00e-03 (" in shown[1]
+
+
+def test_the_final_predictions_and_mirror_show_progress_only_when_asked(
+    data, tmp_path, monkeypatch
+):
+    import imgclf.progress as progress_module
+
+    shown = []
+
+    def recording(description, total, show, console=None):
+        shown.append((description.split(" ")[0], show))
+        return progress_module.progress_bar(description, total, False)
+
+    monkeypatch.setattr("imgclf.train.finalize.progress_bar", recording)
+    monkeypatch.setattr("imgclf.runs.tracking.progress_bar", recording)
+    for progress in (False, True):
+        shown.clear()
+        cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "tracking.mlflow=true")
+        train(cfg, progress=progress, log=str)
+        assert shown == [("predicting", progress), ("predicting", progress), ("MLflow:", progress)]

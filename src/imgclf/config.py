@@ -7,6 +7,7 @@ what gets printed by `imgclf config show` and saved in each run folder.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import typing
@@ -30,6 +31,12 @@ class SplitConfig(_Strict):
     val: float = Field(0.20, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
+    resplit: bool = Field(
+        False,
+        description="recompute the split from these fractions and seed, replacing the one "
+        "saved in the manifest (by `imgclf split` or an earlier run); false: the saved split is "
+        "kept, and fractions or a seed set here that disagree with it are an error",
+    )
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -300,11 +307,27 @@ def load_config(
             )
         raw = loaded or {}
     if any(re.search(r"\.\d+(\.|=)", item) for item in overrides):
-        # `train.stages.0.lr=…` indexes a list that may exist only as a default: resolve first.
-        raw = resolve(validate(raw, source=str(path) if path else "config"))
+        # `train.stages.0.lr=…` indexes a list that may exist only as a default: fill in just
+        # the indexed lists, so every other key stays unset (a saved split is kept unless the
+        # config sets data.split; see data/prepare.py).
+        full = resolve(validate(raw, source=str(path) if path else "config"))
+        for item in overrides:
+            if m := re.match(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\.\d+(\.|=)", item):
+                _fill_default(raw, full, m.group(1).split("."))
     for item in overrides:
         apply_override(raw, item)
     return validate(raw, source=str(path) if path else "overrides")
+
+
+def _fill_default(raw: dict[str, Any], full: dict[str, Any], keys: list[str]) -> None:
+    """Copy `full`'s value at `keys` into `raw` where `raw` does not have it yet."""
+    node, ref = raw, full
+    for k in keys[:-1]:
+        if not isinstance(node, dict) or not isinstance(ref, dict) or k not in ref:
+            return  # an unknown key: validation names it later
+        node, ref = node.setdefault(k, {}), ref[k]
+    if isinstance(node, dict) and isinstance(ref, dict) and keys[-1] in ref:
+        node.setdefault(keys[-1], copy.deepcopy(ref[keys[-1]]))
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

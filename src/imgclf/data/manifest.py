@@ -107,6 +107,9 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # The scanned folder or CSV (absolute): two sources never share a manifest folder silently.
+    origin: str = ""
+    label_order: str = "natural"  # natural | file (`scan --labels FILE`: kept by re-scans)
 
     @property
     def ok_entries(self) -> list[Entry]:
@@ -180,7 +183,9 @@ def write_manifest(manifest: Manifest, out_dir: str | Path) -> Path:
         "format_version": FORMAT_VERSION,
         "root": str(manifest.root),
         "source": manifest.source,
+        "origin": manifest.origin,
         "labels": list(manifest.labels.names),
+        "label_order": manifest.label_order,
         "data_hash": manifest.data_hash(),
         "has_split": manifest.has_split,
         "settings": manifest.settings,
@@ -213,4 +218,6 @@ def read_manifest(path: str | Path) -> Manifest:
         settings=meta.get("settings", {}),
         report=meta.get("report", {}),
         errors=meta.get("errors", []),
+        origin=meta.get("origin", ""),
+        label_order=meta.get("label_order", "natural"),
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.config import ScanConfig
-from imgclf.data.discover import Candidate, Discovery, discover
+from imgclf.data.discover import Candidate, Discovery, discover, nfc
 from imgclf.data.images import ImageLoadError, check_image
 from imgclf.data.manifest import (
     MANIFEST_JSON,
@@ -88,6 +88,7 @@ def scan(
     source = Path(source)
     if not source.exists():
         raise ImgclfError(f"{source} does not exist; pass a class-folder tree or a CSV file")
+    labels = _label_list(labels)
     found = discover(source, cfg.follow_symlinks, root=root, labels=labels)
     if problem := unusable_name(found.root):
         # Manifest paths are text relative to the root, and the root is stored too.
@@ -103,16 +104,51 @@ def scan(
     dups = _duplicates(entries, cfg, errors)
     _class_checks(found, entries, errors)
     _skip_limit(entries, cfg, errors)
+    if labels is not None and found.source == "folder":
+        errors.extend(_label_mismatch(labels, found.classes, found.root))
+    given = labels is not None and set(found.classes) <= set(labels)
     manifest = Manifest(
         root=found.root,
         entries=entries,
-        labels=LabelMap.from_names(found.classes),
+        labels=LabelMap(tuple(labels)) if given else LabelMap.from_names(found.classes),
         source=found.source,
         settings=cfg.model_dump(mode="json"),
         errors=errors,
+        label_order="file" if given else "natural",
     )
     manifest.report = build_report(manifest, dups, reused, time.perf_counter() - t0)
     return manifest
+
+
+# ---------------------------------------------------------------- label list
+
+
+def _label_list(labels: list[str] | None) -> list[str] | None:
+    """The `--labels` names in Unicode NFC (as class folders are read), checked for repeats."""
+    if labels is None:
+        return None
+    names = [nfc(n) for n in labels]
+    if not names:
+        raise ImgclfError("the label list is empty; write one class name per line")
+    if dups := sorted({n for n, c in Counter(names).items() if c > 1}, key=natural_key):
+        raise ImgclfError(f"the label list names {dups} more than once; keep one line per class")
+    return names
+
+
+def _label_mismatch(labels: list[str], classes: list[str], root: Path) -> list[str]:
+    """`--labels` fixes the order of a class-folder tree's classes: the two sets must match."""
+    out = []
+    if extra := [c for c in classes if c not in set(labels)]:
+        out.append(
+            f"class folder(s) in {root} missing from the label list: {extra}; "
+            "add them to the list (its order is the label order)"
+        )
+    if missing := [n for n in labels if n not in set(classes)]:
+        out.append(
+            f"label(s) in the list with no class folder in {root}: {missing}; "
+            "remove them from the list or add the folders"
+        )
+    return out
 
 
 # ---------------------------------------------------------------- checking
@@ -337,6 +373,7 @@ def build_report(m: Manifest, dups: dict[str, list], reused: int, seconds: float
         },
         "classes": {c: per_class[c] for c in m.labels.names},
         "imbalance_ratio": round(max(counts) / min(counts), 3) if counts and min(counts) else None,
+        "imbalance_note": imbalance_note(counts),
         "splits": splits,
         "skipped_by_reason": dict(sorted(skipped.items())),
         "ignored_by_kind": dict(ignored.most_common()),
@@ -349,6 +386,20 @@ def build_report(m: Manifest, dups: dict[str, list], reused: int, seconds: float
         "errors": m.errors,
         "seconds": round(seconds, 3),
     }
+
+
+IMBALANCE_NOTE_RATIO = 3.0
+
+
+def imbalance_note(counts: list[int]) -> str | None:
+    """From a largest / smallest class ratio of 3 up: the train.imbalance settings that exist."""
+    if not counts or not min(counts) or max(counts) / min(counts) < IMBALANCE_NOTE_RATIO:
+        return None
+    return (
+        f"the largest class has {max(counts) / min(counts):.1f}× the images of the smallest: "
+        "training can counter it with train.imbalance=weighted_loss (class weights in the "
+        "loss), sampler (classes drawn equally often) or focal (focal loss); default none"
+    )
 
 
 def _size_stats(ok: list[Entry]) -> dict[str, dict[str, float]]:

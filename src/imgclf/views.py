@@ -29,6 +29,8 @@ def print_scan_report(report: dict[str, Any], console: Console) -> None:
             bar = "█" * max(0, round(20 * n / top))
             t.add_row(name, str(n), *[str(splits[s].get(name, 0)) for s in splits], bar)
         console.print(t)
+    if report.get("imbalance_note"):
+        console.print(f"[yellow]note[/]: {report['imbalance_note']}", highlight=False)
     if report["skipped_by_reason"]:
         t = Table(title="skipped files")
         for col in ("reason", "files", "examples"):

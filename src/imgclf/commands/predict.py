@@ -100,6 +100,7 @@ def predict_files(
     """What `imgclf predict` does after parsing: models + inputs → rows, written out."""
     from imgclf.predict.inputs import expand, split_runs
     from imgclf.predict.output import build_rows, columns, is_stdout, output_format, write_rows
+    from imgclf.predict.predictor import tta_warnings
 
     runs, inputs = split_runs(args)
     if not runs:
@@ -112,6 +113,8 @@ def predict_files(
     out = None if is_stdout(out) else out  # `-o -` is standard output, not a file named "-"
     fmt = output_format(out, fmt)
     predictor = _load(runs, vote, weights, _device(device))
+    for warning in (w for run in runs for w in tta_warnings(run, tta)):
+        print(f"warning: {warning}", file=sys.stderr)
     found = expand(inputs, stdin)
     skipped = ", ".join(f"{n} {kind}" for kind, n in found.ignored.most_common())
     if not found.paths:

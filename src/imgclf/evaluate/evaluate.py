@@ -149,7 +149,7 @@ def evaluate_run(
     progress: bool = False,
 ) -> Evaluation:
     """Predict, score and analyse; write runs/<id>/evaluations/<name>/ and return its record."""
-    from imgclf.predict.predictor import load_predictor
+    from imgclf.predict.predictor import load_predictor, tta_warnings
 
     run = Path(run)
     if not run.is_dir():
@@ -163,6 +163,7 @@ def evaluate_run(
     else:
         source = split_source(run, split or default_split(run))
         check_class_names({s.label for s in source.samples}, labels, source.description["manifest"])
+    source.warnings.extend(tta_warnings(run, tta))
     folder = evaluations_dir(run) / _evaluation_name(name, source.name, tta)
     ok = [i for i, s in enumerate(source.samples) if s.status == "ok"]
     t0 = time.perf_counter()

@@ -40,9 +40,13 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     return atomic_write_text(Path(out) if out else run / REPORT_HTML, render_report(run))
 
 
-def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None) -> Path:
-    """Render the comparison page of several runs (default reports/compare-<time>.html)."""
+def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None, log=print) -> Path:
+    """Render the comparison page of several runs (default reports/compare-<time>.html); runs
+    trained on different data versions are a warning, in `log` and on the page."""
     folders = [_run_folder(r) for r in runs]
+    warning = data_versions(folders)[1]
+    if warning:
+        log(f"warning: {warning}")
     out = Path(out) if out else Path("reports") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.html"
     return atomic_write_text(out, render_comparison(folders, out.parent))
 
@@ -175,14 +179,49 @@ def render_comparison(runs: list[Path], out_dir: Path) -> str:
             }
         )
     configs = [_yaml(run / "config.yaml") for run in runs]
+    versions, data_warning = data_versions(runs)
+    for entry, version in zip(entries, versions, strict=True):
+        entry["data"] = version
     ctx = {
         "runs": entries,
+        "data_warning": data_warning,
         "curves": _overlay_curves(entries),
         "f1_rows": f1_deltas(entries),
         "config_diff": config_differences(configs),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     return _template("compare.html").render(**ctx)
+
+
+def data_versions(runs: Sequence[Path]) -> tuple[list[dict[str, Any]], str | None]:
+    """Each run's data version (data.json: data_hash, manifest) and, when the runs were trained
+    on more than one, a warning: their metrics come from different images."""
+    versions = []
+    for run in runs:
+        data = _json(Path(run) / "data.json")
+        manifest = data.get("manifest")
+        versions.append(
+            {
+                "hash": data.get("data_hash"),
+                "short": (data.get("data_hash") or "")[:12] or None,
+                "manifest": Path(manifest).name if manifest else None,
+            }
+        )
+    known = list(dict.fromkeys(v["hash"] for v in versions if v["hash"]))
+    unknown = [Path(r).name for r, v in zip(runs, versions, strict=True) if not v["hash"]]
+    if len(known) < 2 and not (known and unknown):
+        return versions, None
+    parts = []
+    for h in known:
+        names = [Path(r).name for r, v in zip(runs, versions, strict=True) if v["hash"] == h]
+        parts.append(f"{h[:12]} ({', '.join(names)})")
+    if unknown:
+        parts.append(f"unknown ({', '.join(unknown)})")
+    return versions, (
+        f"these runs were trained on {len(parts)} different data versions (data.json "
+        f"data_hash): {'; '.join(parts)}. Their metrics come from different images and are not "
+        "directly comparable; compare runs on one data version (see the data column)"
+    )
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -123,6 +123,32 @@ def find_confusion_groups(run: str | Path, evaluation: str | None = None) -> Pat
     )
 
 
+def groups_from_test_split(groups: str | Path) -> str | None:
+    """A warning when the groups file is an evaluation's confusion_groups.json and that
+    evaluation scored the test split: the test split then chose the model's design, and the
+    two-stage model's test accuracy is no longer an unseen estimate."""
+    path = Path(groups)
+    if path.name != GROUPS_JSON:
+        return None
+    try:
+        record = json.loads((path.parent / "metrics.json").read_text(encoding="utf-8"))
+        source = record["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(source, dict) or (source.get("kind"), source.get("split")) != (
+        "split",
+        "test",
+    ):
+        return None
+    run = path.parent.parent.parent
+    return (
+        f"the groups come from {path}, the evaluation of the TEST split: the test images chose "
+        "the model's design, so the two-stage test accuracy is optimistic (test leakage). "
+        f"Derive them from the val split instead: `imgclf evaluate {run} --split val`, then "
+        f"--groups auto --from-run {run} (val is preferred)"
+    )
+
+
 def derive_manifests(
     manifest: Manifest, groups: Sequence[Sequence[str]], out: Path
 ) -> tuple[Path, list[Path | None]]:
@@ -187,6 +213,9 @@ def train_two_stage(
         if from_run is None:
             raise ImgclfError("--groups auto reads an evaluated run's groups: add --from-run RUN")
         groups = find_confusion_groups(from_run, evaluation)
+    warnings = [w] if (w := groups_from_test_split(groups)) else []
+    for w in warnings:
+        log(f"warning: {w}")
     manifest, manifest_path = prepare(cfg.data, progress=progress)
     labels = list(manifest.labels.names)
     grouped = read_groups(groups, labels)
@@ -208,6 +237,7 @@ def train_two_stage(
         ),
     )
     summary = {"run_id": folder.name, "kind": "two_stage", "status": "running"}
+    summary["warnings"] = warnings
     atomic_write_json(folder / "summary.json", summary)
     try:
         stages = _train_stages(cfg, manifest, grouped, folder, label, progress, log)
@@ -215,7 +245,7 @@ def train_two_stage(
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         atomic_write_json(folder / "summary.json", {**summary, "status": status, "error": str(e)})
         raise
-    return _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log)
+    return _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log, warnings)
 
 
 def _train_stages(cfg, manifest, grouped, folder: Path, label: str, progress, log) -> dict:
@@ -236,7 +266,7 @@ def _train_stages(cfg, manifest, grouped, folder: Path, label: str, progress, lo
     return runs
 
 
-def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log) -> Path:
+def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log, warnings) -> Path:
     rel = {k: Path(v).resolve().relative_to(folder.resolve()).as_posix() for k, v in stages.items()}
     names = [group_name(i) for i in range(len(grouped))]
     labels = list(manifest.labels.names)
@@ -275,6 +305,7 @@ def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log
         "params": summed_params(list(stages.values())),
         "epochs": sum(s.get("epochs") or 0 for s in stage_summaries),
         "train_seconds": round(sum(s.get("train_seconds") or 0 for s in stage_summaries), 2),
+        "warnings": warnings,
     }
     atomic_write_json(folder / "summary.json", summary)
     if from_run is not None:

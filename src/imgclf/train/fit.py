@@ -31,7 +31,7 @@ from imgclf.train.loop import (
     worker_deaths,
 )
 from imgclf.train.loop import train_one_epoch as run_epoch
-from imgclf.train.optim import Schedule, build_optimizer
+from imgclf.train.optim import Schedule, build_optimizer, describe_groups
 
 
 @dataclass
@@ -64,6 +64,9 @@ class FitContext:
     # perf_counter() at which this run would have started had it never stopped: the training
     # time so far (over every resume) is now minus this.
     started: float = 0.0
+    # Why the backbone starts from random weights ("" when it does not): a head-only stage on
+    # it is warned (`warn_head_only`).
+    random_backbone: str = ""
 
 
 class Pruned(Exception):
@@ -93,6 +96,7 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
     stages = ctx.cfg.stages
     while state.stage < len(stages):
         stage = stages[state.stage]
+        warn_head_only(ctx, state, stage)
         optimizer, schedule = _stage_setup(ctx, stage, resume)
         resume = None
         epoch_fn = _one_cached_epoch if _uses_cache(ctx, stage) else _one_epoch
@@ -118,6 +122,7 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
     module = ctx.raw_model if ctx.compiled is None else ctx.compiled
     ctx.model = ctx.fabric.setup_module(module)
     optimizer = build_optimizer(param_groups(ctx.raw_model, stage), stage, ctx.fabric.device.type)
+    ctx.log(describe_groups(optimizer.param_groups))
     optimizer = ctx.fabric.setup_optimizers(optimizer)
     if _uses_cache(ctx, stage):
         _prepare_features(ctx)
@@ -220,6 +225,23 @@ def watch_data_wait(ctx: FitContext, state: FitState, epoch_state: EpochState) -
         f"{state.global_epoch + 1}): the input pipeline, not the model, sets the pace; "
         f"{ctx.data_advice}"
     )
+    state.warnings.append(message)
+    ctx.log(f"warning: {message}")
+
+
+def warn_head_only(ctx: FitContext, state: FitState, stage: StageConfig) -> None:
+    """A head-only stage on a randomly initialised backbone trains a classifier on random
+    features (often to chance): say so once, at the stage's start (log, summary.json)."""
+    if stage.trainable != "head" or not ctx.random_backbone:
+        return
+    message = (
+        f"stage {state.stage} trains only the head (trainable: head) but the backbone of "
+        f"{ctx.random_backbone} has random weights: its features are noise, so this stage "
+        "learns little (often chance accuracy). Train every layer (trainable: all), or start "
+        "from pretrained weights (model.pretrained: packaged | file:PATH, or model.init_from)"
+    )
+    if any("(trainable: head)" in w for w in state.warnings):  # said once per run
+        return
     state.warnings.append(message)
     ctx.log(f"warning: {message}")
 

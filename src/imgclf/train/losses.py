@@ -110,6 +110,44 @@ def build_loss(train: TrainConfig, class_counts: Sequence[int] | None = None) ->
     )
 
 
+def imbalance_record(
+    train: TrainConfig, counts: Sequence[int], labels: Sequence[str]
+) -> dict | None:
+    """What `train.imbalance` does to each class, for the log and data.json (None for none).
+
+    weighted_loss: the loss weights; sampler: the relative chance of drawing one image of each
+    class (the loader's weights 1 / count, scaled to mean 1); focal: no class weights, every
+    class 1, the loss down-weights easy examples by (1 - p)^gamma instead.
+    """
+    mode = train.imbalance
+    if mode == "none":
+        return None
+    if mode == "focal":
+        weights = [1.0] * len(labels)
+    else:
+        with warnings.catch_warnings():  # an empty class is already said by build_loss
+            warnings.simplefilter("ignore")
+            weights = class_weights(counts).tolist()
+    record = {
+        "mode": mode,
+        "class_counts": dict(zip(labels, map(int, counts), strict=True)),
+        "class_weights": {n: round(w, 4) for n, w in zip(labels, weights, strict=True)},
+        "applied_as": {
+            "weighted_loss": "cross-entropy weight per class",
+            "sampler": "relative chance of drawing each image of the class",
+            "focal": f"no class weights; focal loss with gamma {train.focal_gamma:g}",
+        }[mode],
+    }
+    return record
+
+
+def describe_imbalance(record: dict) -> str:
+    """One log line: `imbalance weighted_loss: class weights a 0.5, b 1.5 (…)`."""
+    shown = ", ".join(f"{n} {w:g}" for n, w in list(record["class_weights"].items())[:30])
+    more = " …" if len(record["class_weights"]) > 30 else ""
+    return f"imbalance {record['mode']}: class weights {shown}{more} ({record['applied_as']})"
+
+
 def batch_mixer(
     train: TrainConfig, num_classes: int
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:

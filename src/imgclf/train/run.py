@@ -41,7 +41,7 @@ from imgclf.train.features import FeatureCache, StageFeatures, default_cache_roo
 from imgclf.train.finalize import finalize
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag
-from imgclf.train.losses import batch_mixer, build_loss
+from imgclf.train.losses import batch_mixer, build_loss, describe_imbalance, imbalance_record
 
 
 def seed_everything(seed: int) -> None:
@@ -86,8 +86,9 @@ def train(
     seed_everything(cfg.seed + world.rank)
     labels = list(manifest.labels.names)
     model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
-    if cfg.model.init_from:
-        _warm_start(model, cfg.model.init_from, log)
+    warm = None
+    if cfg.model.init_from:  # said once: a resumed run has it in its log and summary already
+        warm = _warm_start(model, cfg.model.init_from, log if checkpoint is None else _silent)
     identity = {
         "config": config_hash(resolve(cfg)),
         "data": manifest.data_hash(),
@@ -101,14 +102,27 @@ def train(
             _write_run_header(run, cfg, manifest, manifest_dir, pre, model, identity, world)
         path = fabric.broadcast(str(run.path) if run else None, src=0)
         run = run or RunDir(Path(path), writer=False)
-        state = FitState()
+        state = FitState(warnings=[warm["warning"]] if warm and warm["warning"] else [])
     else:
         _check_identity(run.path, checkpoint["identity"], identity, force)
         run.writer = world.is_zero
         state = restore(checkpoint, model, run.path / CHECKPOINT, world.rank, world.size, log)
         log(f"resuming {run.id} at stage {state.stage}, epoch {state.epoch}")
+    random_backbone = _random_backbone(cfg, model, warm)
     return _fit_and_finish(
-        fabric, on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+        fabric,
+        on_epoch,
+        cfg,
+        run,
+        manifest,
+        model,
+        pre,
+        state,
+        checkpoint,
+        identity,
+        progress,
+        log,
+        random_backbone,
     )
 
 
@@ -126,7 +140,19 @@ def _prepare_data(cfg: RunConfig, fabric, progress: bool):
 
 
 def _fit_and_finish(
-    fabric, on_epoch, cfg, run, manifest, model, pre, state, checkpoint, identity, progress, log
+    fabric,
+    on_epoch,
+    cfg,
+    run,
+    manifest,
+    model,
+    pre,
+    state,
+    checkpoint,
+    identity,
+    progress,
+    log,
+    random_backbone: str,
 ):
     channels_last = (
         cfg.train.channels_last
@@ -153,6 +179,8 @@ def _fit_and_finish(
             progress=progress,
         )
     counts = np.bincount(train_loader.dataset.targets, minlength=len(manifest.labels)).tolist()
+    if checkpoint is None:  # said once, at the start; a resumed run has it in data.json
+        _record_imbalance(run, cfg, counts, list(manifest.labels.names), log)
     ctx = FitContext(
         fabric=fabric,
         raw_model=model,
@@ -171,6 +199,7 @@ def _fit_and_finish(
         features=_stage_features(cfg, pre, identity["data"]),
         compiled=torch.compile(model) if cfg.train.compile else None,
         data_advice=_data_advice(cfg, train_loader, fabric.device.type, fabric.world_size),
+        random_backbone=random_backbone,
     )
     with run.lock():
         if checkpoint is not None and run.writer:
@@ -206,7 +235,7 @@ def _fit_guarded(ctx: FitContext, cfg, run: RunDir, manifest, state, checkpoint,
         if not ctx.fabric.is_global_zero:  # predictions, plots, summary, MLflow: rank 0's job
             return
         if error is None:
-            finalize(run, cfg, manifest, state, time.perf_counter() - t0, log)
+            finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, progress=progress)
             return
         try:
             finalize(run, cfg, manifest, state, time.perf_counter() - t0, log, error=error)
@@ -301,17 +330,71 @@ def _write_run_header(
     )
 
 
-def _warm_start(model: torch.nn.Module, source: Path, log) -> None:
-    """Start from an earlier run's best weights (its head too when the classes match)."""
+def _warm_start(model: torch.nn.Module, source: Path, log) -> dict[str, Any]:
+    """Start from an earlier run's best weights: every tensor whose name and shape match (the
+    head too when the classes match). Says how many were loaded; none at all is a warning."""
     path = Path(source) / MODEL_WEIGHTS if Path(source).is_dir() else Path(source)
     state = load_weights(path)
-    own = model.state_dict()
-    head_mismatch = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if head_mismatch:
-        log(f"warm start: {len(head_mismatch)} tensors differ in shape (a new head); kept fresh")
-        state = {k: v for k, v in state.items() if k not in head_mismatch}
-        state = {**own, **state}
-    load_state_strict(model, state, path)
+    full = model.state_dict()
+    # Counted over weights (floating tensors): BatchNorm's step counters fit any model.
+    own = {k: v for k, v in full.items() if v.is_floating_point()}
+    fits = [k for k in own if k in state and state[k].shape == own[k].shape]
+    reshaped = [k for k in own if k in state and state[k].shape != own[k].shape]
+    absent = [k for k in own if k not in state]
+    loaded = {"loaded": len(fits), "total": len(own), "backbone": _backbone_keys(fits)}
+    if fits:
+        same = {k: state[k] for k in full if k in state and state[k].shape == full[k].shape}
+        load_state_strict(model, {**full, **same}, path)
+    if not loaded["backbone"]:
+        pretrained = model.spec.get("pretrained")
+        start = "random weights" if pretrained == "none" else f"its {pretrained} weights"
+        what = "nothing" if not fits else f"only {len(fits)} head tensor(s)"
+        warning = (
+            f"warm start from {source} loaded {what} of this model's {len(own)} weight tensors: "
+            f"none of the backbone's fits the {len(state)} tensors there by name and shape (a "
+            f"different architecture?); the backbone starts from {start}"
+        )
+        log(f"warning: {warning}")
+        return {**loaded, "warning": warning}
+    kept = []
+    if reshaped:
+        kept.append(f"{len(reshaped)} differ in shape ({_names(reshaped)})")
+    if absent:
+        kept.append(f"{len(absent)} are not in {source} ({_names(absent)})")
+    log(
+        f"warm start from {source}: loaded {len(fits)} of this model's {len(own)} weight tensors"
+        + (f"; kept fresh: {'; '.join(kept)}" if kept else "")
+    )
+    return {**loaded, "warning": None}
+
+
+def _names(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (" …" if len(keys) > n else "")
+
+
+def _backbone_keys(keys: list[str]) -> int:
+    return sum(k.startswith("backbone.") for k in keys)
+
+
+def _random_backbone(cfg: RunConfig, model, warm: dict | None) -> str:
+    """Why the backbone starts from random weights ("" when it does not): for the warning of
+    a head-only stage."""
+    if model.spec.get("pretrained") != "none" or (warm and warm["backbone"]):
+        return ""
+    why = "a scratch model" if model.spec.get("kind") == "scratch" else "model.pretrained: none"
+    if warm:
+        why += f", and the warm start from {cfg.model.init_from} loaded no backbone weights"
+    return f"{cfg.model.name} ({why})"
+
+
+def _record_imbalance(run: RunDir, cfg: RunConfig, counts: list[int], labels, log) -> None:
+    """Log the class weights train.imbalance uses, once, and keep them in data.json."""
+    record = imbalance_record(cfg.train, counts, labels)
+    if record is None:
+        return
+    log(describe_imbalance(record))
+    if run.writer:
+        run.write_json("data.json", {**run.read_json("data.json"), "imbalance": record})
 
 
 def _check_identity(run_path: Path, saved: dict, now: dict, force: bool) -> None:

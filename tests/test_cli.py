@@ -97,3 +97,36 @@ def test_train_and_lr_find_from_the_command_line(tmp_path):
     assert (tmp_path / "runs" / "mlflow.db").is_file(), "mirrored to the default MLflow store"
     r = imgclf("train", *common, "train.stages=[{epoks: 1}]", cwd=tmp_path)
     assert r.returncode == 2 and "epoks" in r.stderr
+
+
+def test_models_marks_the_names_with_packaged_weights(tmp_path):
+    r = imgclf("models", "lite", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[:-1]}
+    assert rows["efficientnet_lite0"] == ["packaged"] and rows["tf_efficientnet_lite2"] == [
+        "packaged"
+    ]
+    assert rows["efficientnet_lite3"] == [] and rows["coat_lite_mini"] == []
+    assert "6 with packaged weights" in r.stdout
+    r = imgclf("models", "--packaged", cwd=tmp_path)
+    assert sorted(r.stdout.split()[:12:2]) == [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "tf_efficientnet_lite0",
+        "tf_efficientnet_lite1",
+        "tf_efficientnet_lite2",
+    ]
+
+
+def test_version_and_config_descriptions(tmp_path):
+    from imgclf import __version__
+
+    r = imgclf("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"imgclf {__version__}"
+    r = imgclf("config", "show", "--describe", "data.image_size=64", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert rows["data.image_size"].split()[1] == "64"
+    assert "# `imgclf models` lists the choices" in rows["model.name"]
+    assert "train.stages[0].lr" in rows and "train.batch_size" in rows

@@ -278,3 +278,55 @@ def test_sweep_filter_keeps_only_that_sweeps_trials(runs, tmp_path):
     rows = json.loads(res.stdout)
     assert sorted(r["id"] for r in rows) == ["20990101-000000-t0", "20990101-000000-t1"]
     assert {r["sweep"] for r in rows} == {"heads"}
+
+
+def test_where_or_and_in(runs):
+    root, made = runs
+    rows = collect(root, lambda m: None)
+    cols = column_names(rows)
+
+    def ids(expr):
+        keep = parse_where(expr, cols)
+        return {r["id"] for r in rows if keep(r)}
+
+    assert ids("status in (diverged, interrupted)") == {made["boom"].name, made["stopped"].name}
+    assert ids("status not in ('completed')") == {made["boom"].name, made["stopped"].name}
+    assert ids("status == diverged or imbalance == weighted_loss") == {
+        made["boom"].name,
+        made["two"].name,
+    }
+    # `and` binds before `or`: (diverged and scratch_cnn) or (val_accuracy <= 0.25)
+    assert ids(
+        "status == diverged and model == x or val_accuracy <= 0.25 OR batch_size IN [0]"
+    ) == {made["stopped"].name}
+    assert ids("batch_size in (8, 99)") == {r["id"] for r in rows if r["batch_size"] == 8}
+    for bad in ("status in ()", "status in (a", "status == a or"):
+        with pytest.raises(ImgclfError, match="--where"):
+            parse_where(bad, cols)
+
+
+def test_default_table_fits_120_columns_ids_are_never_cut_and_data_is_shown(runs, tmp_path):
+    root, made = runs
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    long_id = "20260101-000000-a-very-long-experiment-name-scratch_cnn-abcdef"
+    (copy / made["one"].name).rename(copy / long_id)
+    data = json.loads((copy / made["two"].name / "data.json").read_text())
+    data["data_hash"] = "f" * 64  # the same recipe on other data
+    (copy / made["two"].name / "data.json").write_text(json.dumps(data))
+    rows = by_id(collect(copy, lambda m: None))
+    digest = json.loads((made["boom"] / "data.json").read_text())["data_hash"]
+    assert (
+        rows[made["boom"].name]["data"] == digest[:8] and rows[made["two"].name]["data"] == "f" * 8
+    )
+    table = leaderboard(root, warn=lambda m: None)[0]  # ids as `imgclf train` names them
+    # 120 columns leave room for a model name 8 characters longer than scratch_cnn
+    assert max(len(line) for line in table.splitlines()) <= 112, table
+    table = leaderboard(copy, warn=lambda m: None)[0]
+    head = ["id", "status", "model", "data", "val_accuracy", "test_accuracy"]
+    assert table.splitlines()[0].split() == head
+    assert long_id in table and "ffffffff" in table and digest[:8] in table
+    wide = leaderboard(copy, warn=lambda m: None, wide=True)[0].splitlines()[0].split()
+    assert {"val_loss", "params_total", "stages", "data"} <= set(wide)
+    for fmt in ("markdown", "html", "csv", "json"):
+        assert long_id in leaderboard(copy, fmt=fmt, warn=lambda m: None)[0], fmt

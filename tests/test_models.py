@@ -380,9 +380,43 @@ def test_hub_offline_fails_at_once(monkeypatch, var):
     assert var in msg and "pretrained: packaged" in msg and "pretrained: file:PATH" in msg
 
 
-def test_hub_download_error_gives_the_same_advice(monkeypatch):
+def _online(monkeypatch):
+    """No offline variable set and the connectivity probe answering: the hub path is tried."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("imgclf.models.pretrained.hub_unreachable", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("network", ["refused", "silent"])
+def test_hub_without_network_fails_at_once(monkeypatch, network):
+    # No offline variable: the probe alone must stop it, never huggingface_hub's ~50 s retries.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.setattr("imgclf.models.pretrained.HUB_PROBE_TIMEOUT", 0.3)
+
+    def connect(address, timeout=None):
+        if network == "silent":
+            time.sleep(30)  # a black-holed network: no answer at all
+        raise OSError("Network is unreachable")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted without network")
+
+    monkeypatch.setattr("imgclf.models.pretrained.socket.create_connection", connect)
+    monkeypatch.setattr("imgclf.models.pretrained.timm.create_model", no_download)
+    start = time.perf_counter()
+    with pytest.raises(ImgclfError) as err:
+        build_model(ModelConfig(name="resnet18", pretrained="hub"), 3)
+    assert time.perf_counter() - start < 5
+    msg = str(err.value)
+    assert "no network" in msg and "huggingface.co:443" in msg
+    assert "pretrained: packaged" in msg and "pretrained: file:PATH" in msg
+
+
+def test_hub_download_error_gives_the_same_advice(monkeypatch):
+    _online(monkeypatch)
 
     def unreachable(*args, **kwargs):
         raise OSError("connection refused")
@@ -394,8 +428,7 @@ def test_hub_download_error_gives_the_same_advice(monkeypatch):
 
 
 def test_hub_online_builds_a_headless_backbone(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    _online(monkeypatch)
     calls = []
     real = timm.create_model
 
@@ -516,3 +549,14 @@ def test_parameter_counts_match_a_hand_count():
     opt.step()
     # Adam: two moments per trainable element + one step counter per parameter tensor.
     assert optimizer_state_numel(opt) == 2 * head + 2
+
+
+def test_describe_groups_merges_decay_halves_and_counts_parameters():
+    from imgclf.train.optim import describe_groups
+
+    model = build("scratch_cnn")
+    line = describe_groups(param_groups(model, StageConfig(lr=1.0, layer_decay=0.5)))
+    head = sum(p.numel() for p in model.head.parameters())
+    assert line.startswith("lr per group (params): backbone.blocks.0 6.25e-02 (")
+    assert line.endswith(f"head 1.00e+00 ({head:,})")
+    assert line.count("backbone.blocks.") == 4

@@ -2,6 +2,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -272,10 +273,35 @@ def test_lr_find_suggests_a_sensible_decade_and_stops_on_divergence(seed):
 def test_lr_find_falls_back_without_descent_and_plots_atomically(tmp_path):
     result = lr_find(lambda lr: 1.0 + lr, start_lr=1e-3, end_lr=1.0, num_steps=10)
     assert result.suggestion == pytest.approx(1e-4)  # the minimum is at start_lr: min / 10
-    assert "reached end_lr" in result.reason and "minimum / 10" in result.reason
+    assert "reached end_lr" in result.reason and "/ 10" in result.reason
+    assert "never fell" in result.reason
     out = plot_lr_find(result, tmp_path / "lr_find.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["lr_find.png"]
+
+
+def test_lr_find_suggests_a_tenth_of_the_minimum_not_the_steepest_point():
+    # A synthetic curve (log10 lr → loss): flat, then a descent that is steepest right before
+    # its minimum at lr 1e-2, then divergence. Steepest descent would pick ~1e-2 (too bold).
+    def curve(lr):
+        x = math.log10(lr)
+        if x <= -2:
+            return 2.0 - 1.5 * math.exp(3 * (x + 2))
+        return 0.5 + 40 * (x + 2) ** 2
+
+    steps = []
+    result = lr_find(
+        curve,
+        start_lr=1e-6,
+        end_lr=1.0,
+        num_steps=200,
+        smooth=0.0,
+        on_step=lambda lr, loss: steps.append(lr),
+    )
+    lr_min = result.lrs[int(np.argmin(result.losses))]
+    assert lr_min == pytest.approx(1e-2, rel=0.1)
+    assert result.suggestion == pytest.approx(lr_min / 10)
+    assert steps == result.lrs, "on_step reports every step (the progress bar)"
 
 
 def test_lr_find_rejects_bad_arguments_and_nan_first_loss():

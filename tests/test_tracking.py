@@ -296,3 +296,47 @@ def test_ui_serves_and_stops_cleanly(runs, tmp_path):
     assert live_in_group(server) == []
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_mirror_shows_progress_only_when_asked(runs, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import imgclf.progress as progress_module
+
+    screen = io.StringIO()
+    real = progress_module.progress_bar
+
+    def on_a_terminal(description, total, show, console=None):
+        return real(description, total, show, Console(file=screen, force_terminal=True))
+
+    monkeypatch.setattr("imgclf.runs.tracking.progress_bar", on_a_terminal)
+    quiet, shown = copy_runs(runs, tmp_path / "runs")
+    assert mirror_run(quiet, TrackingConfig(), tmp_path / "runs", progress=False)
+    assert screen.getvalue() == ""
+    assert mirror_run(shown, TrackingConfig(), tmp_path / "runs", progress=True)
+    assert "MLflow: " in screen.getvalue()
+
+
+def test_ui_opens_the_experiments_runs_table(runs, tmp_path):
+    from imgclf.runs.tracking import EXPERIMENT_TAGS, ui_experiment, ui_url
+
+    run = copy_runs(runs[:1], tmp_path / "runs")[0]
+    uri = store_uri(TrackingConfig(), tmp_path / "runs")
+    assert ui_experiment(uri, "imgclf") is None  # no store yet: the start page
+    assert ui_url(5000, None) == "http://127.0.0.1:5000"
+    assert mirror_run(run, TrackingConfig(), tmp_path / "runs")
+    client = client_for(uri)
+    made = client.get_experiment_by_name("imgclf")
+    assert made.tags["mlflow.experimentKind"] == "custom_model_development"
+    # An experiment mirrored before the tag existed gets it when the UI opens it.
+    older = client.create_experiment("older")
+    assert ui_experiment(uri, "older") == older
+    assert client.get_experiment(older).tags == {
+        **client.get_experiment(older).tags,
+        **EXPERIMENT_TAGS,
+    }
+    assert "mlflow.experimentKind" in client.get_experiment(older).tags
+    url = ui_url(5000, ui_experiment(uri, "imgclf"))
+    assert url == f"http://127.0.0.1:5000/#/experiments/{made.experiment_id}/runs"

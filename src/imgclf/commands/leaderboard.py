@@ -28,7 +28,10 @@ def leaderboard(
     top: Annotated[int | None, typer.Option(min=1, help="show the best N")] = None,
     where: Annotated[
         str | None,
-        typer.Option(help="filter, e.g. 'model == efficientnet_lite0 and test_accuracy >= 0.9'"),
+        typer.Option(
+            help="filter, e.g. 'model == efficientnet_lite0 and test_accuracy >= 0.9' or "
+            "'status in (completed, interrupted) or val_accuracy > 0.8' (and binds before or)"
+        ),
     ] = None,
     fmt: Annotated[
         Literal["table", "csv", "markdown", "html", "json"], typer.Option("--format", "-f")
@@ -36,6 +39,9 @@ def leaderboard(
     columns: Annotated[
         str | None, typer.Option(help="comma-separated columns (default: a compact set)")
     ] = None,
+    wide: Annotated[
+        bool, typer.Option(help="table: also config, losses, top-5 and parameter counts")
+    ] = False,
     sweep: Annotated[str | None, typer.Option(help="only the trials of this sweep")] = None,
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write to this file")] = None,
 ) -> None:
@@ -46,7 +52,7 @@ def leaderboard(
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     if sweep:
         where = f"sweep == {sweep}" + (f" and {where}" if where else "")
-    text, n = build(runs, sort, order, top, where, fmt, chosen, warn=_warn)
+    text, n = build(runs, sort, order, top, where, fmt, chosen, warn=_warn, wide=wide)
     if out is not None:
         atomic_write_text(out, text)
         console.print(f"{n} runs → {out}", highlight=False)
@@ -62,11 +68,17 @@ def ui(
     ),
     uri: Annotated[str | None, typer.Option(help="tracking URI (default: tracking.uri)")] = None,
     port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+    experiment: Annotated[
+        str, typer.Option(help="MLflow experiment whose runs to open")
+    ] = "imgclf",
 ) -> None:
-    """Start the MLflow UI on the runs' tracking store, bound to 127.0.0.1 (Ctrl-C stops it)."""
+    """Start the MLflow UI on the runs' tracking store, bound to 127.0.0.1 (Ctrl-C stops it).
+
+    The printed URL opens the experiment's runs table.
+    """
     from imgclf.runs.tracking import run_ui
 
-    raise typer.Exit(run_ui(runs, uri=uri, port=port, log=typer.echo))
+    raise typer.Exit(run_ui(runs, uri=uri, port=port, log=typer.echo, experiment=experiment))
 
 
 def mirror(

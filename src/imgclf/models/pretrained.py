@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -25,6 +28,8 @@ from imgclf.models.model import Preprocessing
 PRETRAINED_CHOICES = ("none", "packaged", "hub", "file:PATH")
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _HALF = (0.5, 0.5, 0.5)
+# Without network huggingface_hub retries for about 50 s; one short probe decides instead.
+HUB_PROBE_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -248,11 +253,49 @@ def hub_error(arch: str, reason: str) -> ImgclfError:
     )
 
 
+def hub_host(arch: str) -> tuple[str, int]:
+    """(host, port) the hub weights of `arch` would be fetched from (or through, via a proxy)."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        return parsed.hostname or proxy, parsed.port or 8080
+    cfg = timm.models.get_pretrained_cfg(arch)
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if cfg is not None and not cfg.hf_hub_id and cfg.url:
+        url = cfg.url
+    parsed = urlparse(url)
+    return parsed.hostname or "huggingface.co", parsed.port or 443
+
+
+def hub_unreachable(host: str, port: int, timeout: float | None = None) -> str | None:
+    """Why (host, port) cannot be reached within `timeout` seconds, or None if it can."""
+    timeout = HUB_PROBE_TIMEOUT if timeout is None else timeout
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(f"no network: cannot connect to {host}:{port} ({e})")
+
+    # A thread, because name resolution ignores the socket timeout and can hang far longer.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"no network: no answer from {host}:{port} within {timeout:g} s"
+    return outcome[0]
+
+
 def create_hub_backbone(arch: str, **kwargs: Any) -> nn.Module:
-    """timm model with its hub weights; offline fails at once, without a network attempt."""
+    """timm model with its hub weights; offline fails at once, without a download attempt."""
     offline = hub_offline_var()
     if offline:
         raise hub_error(arch, f"the hub is switched off: {offline} is set")
+    unreachable = hub_unreachable(*hub_host(arch))
+    if unreachable:
+        raise hub_error(arch, unreachable)
     try:
         return timm.create_model(arch, pretrained=True, **kwargs)
     except Exception as e:  # download errors come from many libraries; all mean the same here

@@ -28,6 +28,7 @@ from imgclf.models.model import (
     as_triple,
 )
 from imgclf.models.pretrained import (
+    PACKAGED,
     PACKAGED_ALIASES,
     create_hub_backbone,
     load_backbone_state,
@@ -58,6 +59,11 @@ def list_models(filter: str | None = None) -> list[str]:
     # A bare word means "contains": `imgclf models lite` is what people type.
     pattern = filter.lower() if any(c in filter for c in "*?[") else f"*{filter.lower()}*"
     return [n for n in names if fnmatch.fnmatchcase(n.lower(), pattern)]
+
+
+def has_packaged_weights(name: str) -> bool:
+    """Whether `pretrained: packaged` works for `name` (weights installed, no network)."""
+    return PACKAGED_ALIASES.get(name, name) in PACKAGED
 
 
 def resolve_name(name: str) -> tuple[str, str]:

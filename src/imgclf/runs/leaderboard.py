@@ -40,12 +40,15 @@ TRACKING_ENTRIES = frozenset(
 )
 FORMATS = ("table", "csv", "markdown", "html", "json")
 LOWER_IS_BETTER = ("loss", "ece")
-TABLE_COLUMNS = (
+# The terminal default fits about 120 columns; `--wide` shows WIDE_COLUMNS, `--columns` any.
+TABLE_COLUMNS = ("id", "status", "model", "data", "val_accuracy", "test_accuracy")
+WIDE_COLUMNS = (
     "id",
     "status",
     "model",
     "weights",
     "trainable",
+    "data",
     "image_size",
     "batch_size",
     "stages",
@@ -62,12 +65,16 @@ TABLE_COLUMNS = (
     "params_trainable",
     "train_s",
 )
+# Cells that identify something are never shortened: a cut id cannot be pasted back.
+_NEVER_CUT = ("id", "sweep")
+DATA_HASH_CHARS = 8
 _HEAD = (
     "id",
     "status",
     "model",
     "weights",
     "trainable",
+    "data",
     "image_size",
     "batch_size",
     "stages",
@@ -138,6 +145,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "epochs": summary.get("epochs"),
         "augment": (train.get("augment") or {}).get("preset"),
         "imbalance": train.get("imbalance"),
+        "data": _data_version(path),
         "best_epoch": best.get("epoch"),
         "sweep": (summary.get("tags") or {}).get("sweep"),
     }
@@ -195,6 +203,16 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SkipRun(f"{path.name} is not a mapping of sections")
     return data
+
+
+def _data_version(path: Path) -> str | None:
+    """data.json's data hash, shortened: runs on different data are told apart at a glance."""
+    try:
+        data = json.loads((path / "data.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    digest = data.get("data_hash") if isinstance(data, dict) else None
+    return str(digest)[:DATA_HASH_CHARS] if digest else None
 
 
 def _input_size(path: Path) -> int | None:
@@ -269,6 +287,7 @@ def leaderboard(
     fmt: str = "table",
     columns: list[str] | None = None,
     warn: Callable[[str], None] = print,
+    wide: bool = False,
 ) -> tuple[str, int]:
     """Collect, filter, rank and render the runs under `runs_dir`: (text, number of rows)."""
     if fmt not in FORMATS:
@@ -284,7 +303,7 @@ def leaderboard(
     if columns:
         shown = list(columns)
     elif fmt == "table":
-        shown = table_columns(known, [sort])
+        shown = table_columns(known, [sort], WIDE_COLUMNS if wide else TABLE_COLUMNS)
     else:
         shown = known
     return render(rows, fmt, shown), len(rows)
@@ -335,37 +354,73 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt,
     ">": operator.gt,
 }
+_VALUE = r"'[^']*'|\"[^\"]*\"|[^\s'\",()\[\]]+"
 _CLAUSE = re.compile(
-    r"\s*(?P<key>[A-Za-z_][\w.\-]*)\s*(?P<op>==|!=|<=|>=|<|>|=)\s*"
-    r"(?P<value>'[^']*'|\"[^\"]*\"|[^\s'\"]+)(?P<rest>\s+(?i:and)\s+|\s*$)"
+    r"\s*(?P<key>[A-Za-z_][\w.\-]*)\s*"
+    r"(?:(?P<op>==|!=|<=|>=|<|>|=)\s*(?P<value>" + _VALUE + r")"
+    r"|(?P<not>(?i:not)\s+)?(?i:in)\s*[(\[](?P<items>[^)\]]*)[)\]])"
+    r"(?P<rest>\s+(?i:and|or)\s+|\s*$)"
+)
+_ITEM = re.compile(r"\s*(" + _VALUE + r")\s*(?:,|$)")
+_WHERE_HELP = (
+    "write clauses like `test_accuracy >= 0.9 and model == efficientnet_lite0`, "
+    "`status in (completed, interrupted)` or `a < 1 or b > 2` (== != < <= > >= in, not in; "
+    "`and` binds before `or`)"
 )
 
 
 def parse_where(expr: str, columns: list[str]) -> Callable[[dict[str, Any]], bool]:
-    """`key OP value [and key OP value …]` → a row predicate. Parsed, never evaluated."""
-    clauses, pos = [], 0
+    """`clause [and|or clause …]`, `and` before `or` → a row predicate. Parsed, never evaluated.
+
+    A clause is `key OP value` or `key [not] in (v1, v2, …)`.
+    """
+    groups: list[list[Callable[[dict[str, Any]], bool]]] = [[]]
+    pos = 0
     while pos < len(expr):
         m = _CLAUSE.match(expr, pos)
         if not m:
-            raise ImgclfError(
-                f"--where: cannot read {expr[pos:]!r}; write clauses like "
-                "`test_accuracy >= 0.9 and model == efficientnet_lite0` (== != < <= > >=)"
-            )
+            raise ImgclfError(f"--where: cannot read {expr[pos:]!r}; {_WHERE_HELP}")
         if m["key"] not in columns:
             raise ImgclfError(
                 f"--where: unknown column {m['key']!r}; choose one of: {', '.join(columns)}"
             )
-        clauses.append((m["key"], _OPS[m["op"]], _literal(m["value"])))
+        groups[-1].append(_clause(m))
         pos = m.end()
-    if not clauses:
+        if m["rest"].strip().lower() == "or":
+            groups.append([])
+    if not groups[0]:
         raise ImgclfError("--where is empty; write e.g. `test_accuracy >= 0.9`")
     if m["rest"].strip():
         raise ImgclfError(f"--where ends with {m['rest'].strip()!r}: a clause is missing")
 
     def keep(row: dict[str, Any]) -> bool:
-        return all(_compare(row.get(k), op, v) for k, op, v in clauses)
+        return any(all(test(row) for test in group) for group in groups)
 
     return keep
+
+
+def _clause(m: re.Match) -> Callable[[dict[str, Any]], bool]:
+    key = m["key"]
+    if m["op"]:
+        op, literal = _OPS[m["op"]], _literal(m["value"])
+        return lambda row: _compare(row.get(key), op, literal)
+    items, pos = [], 0
+    text = m["items"].strip()
+    while pos < len(text):
+        item = _ITEM.match(text, pos)
+        if not item:
+            raise ImgclfError(f"--where: cannot read the list ({m['items']}); {_WHERE_HELP}")
+        items.append(_literal(item[1]))
+        pos = item.end()
+    if not items:
+        raise ImgclfError(f"--where: `{key} in ()` lists nothing; {_WHERE_HELP}")
+    negate = bool(m["not"])
+
+    def member(row: dict[str, Any]) -> bool:
+        found = any(_compare(row.get(key), operator.eq, v) for v in items)
+        return row.get(key) is not None and found != negate
+
+    return member
 
 
 def _literal(text: str) -> float | str:
@@ -401,7 +456,9 @@ def render(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
         writer.writerow(columns)
         writer.writerows([["" if r.get(c) is None else r.get(c) for c in columns] for r in rows])
         return buf.getvalue()
-    cells = [[_cell(r.get(c), c) for c in columns] for r in rows]
+    # Only the terminal table shortens long text; markdown and HTML are copied elsewhere.
+    limit = _MAX_CELL if fmt == "table" else None
+    cells = [[_cell(r.get(c), c, limit) for c in columns] for r in rows]
     if fmt == "markdown":
         return _markdown(columns, cells)
     if fmt == "html":
@@ -409,13 +466,15 @@ def render(rows: list[dict[str, Any]], fmt: str, columns: list[str]) -> str:
     return _text_table(columns, cells, rows)
 
 
-def table_columns(all_columns: list[str], extra: Iterable[str] = ()) -> list[str]:
-    """The compact default for the terminal: present TABLE_COLUMNS plus `extra` (e.g. the sort)."""
-    chosen = [c for c in TABLE_COLUMNS if c in all_columns]
+def table_columns(
+    all_columns: list[str], extra: Iterable[str] = (), base: Iterable[str] = TABLE_COLUMNS
+) -> list[str]:
+    """The compact default for the terminal: present `base` columns plus `extra` (the sort)."""
+    chosen = [c for c in base if c in all_columns]
     return chosen + [c for c in extra if c in all_columns and c not in chosen]
 
 
-def _cell(value: Any, column: str = "") -> str:
+def _cell(value: Any, column: str = "", limit: int | None = _MAX_CELL) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -427,7 +486,9 @@ def _cell(value: Any, column: str = "") -> str:
             return "nan"
         return f"{value:,.{_DECIMALS.get(column, 4)}f}"
     text = " ".join(str(value).split())
-    return text if len(text) <= _MAX_CELL else text[: _MAX_CELL - 1] + "…"
+    if limit is None or column in _NEVER_CUT or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
 
 
 def _text_table(columns: list[str], cells: list[list[str]], rows: list[dict]) -> str:

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from imgclf.config import TrackingConfig
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json
+from imgclf.progress import Advance, progress_bar
 
 STORE_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -63,6 +64,21 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TI
 _RETRIES = 5
 
 Log = Callable[..., Any]
+# What a mirror waits for, shown one after another (importing MLflow alone takes seconds).
+MIRROR_STEPS = (
+    "MLflow: connecting to the store",
+    "MLflow: finding or creating the run",
+    "MLflow: logging params and metrics",
+    "MLflow: uploading artefacts",
+)
+
+
+# MLflow 3 opens an experiment without this tag on its GenAI pages; ours is a runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _no_step(n: float = 1, description: str | None = None) -> None:
+    return None
 
 
 def store_uri(tracking: TrackingConfig, runs_dir: Path) -> str:
@@ -78,7 +94,11 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def mirror_run(
-    run_path: Path, tracking: TrackingConfig, runs_dir: Path, log: Log = print
+    run_path: Path,
+    tracking: TrackingConfig,
+    runs_dir: Path,
+    log: Log = print,
+    progress: bool = False,
 ) -> str | None:
     """Mirror a finished run folder to MLflow; the MLflow run id, or None (with a warning)."""
     if not tracking.mlflow:
@@ -88,8 +108,11 @@ def mirror_run(
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         record = _read_record(run_path)
-        with store_lock(uri), _env_defaults(HTTP_DEFAULTS):
-            experiment_id, mlflow_id = _retrying(lambda: _mirror(record, uri, tracking.experiment))
+        bar = progress_bar(f"MLflow: mirroring {run_path.name}", len(MIRROR_STEPS), progress)
+        with bar as step, store_lock(uri), _env_defaults(HTTP_DEFAULTS):
+            experiment_id, mlflow_id = _retrying(
+                lambda: _mirror(record, uri, tracking.experiment, step)
+            )
         atomic_write_json(
             run_path / TRACKING_JSON,
             {
@@ -196,10 +219,14 @@ def _client(uri: str):
         logger.setLevel(level)
 
 
-def _mirror(record: _Record, uri: str, experiment: str) -> tuple[str, str]:
+def _mirror(
+    record: _Record, uri: str, experiment: str, step: Advance = _no_step
+) -> tuple[str, str]:
     from mlflow.entities import Metric, Param, RunTag
 
+    step(0, MIRROR_STEPS[0])
     client = _client(uri)
+    step(1, MIRROR_STEPS[1])
     experiment_id = _experiment(client, uri, experiment)
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{_quoted(record.id)}'"
@@ -225,6 +252,7 @@ def _mirror(record: _Record, uri: str, experiment: str) -> tuple[str, str]:
         "imgclf.error": str(summary.get("error") or ""),
     }
     metrics = _metrics(record)
+    step(1, MIRROR_STEPS[2])
     _log_batches(
         client,
         mlflow_id,
@@ -232,6 +260,7 @@ def _mirror(record: _Record, uri: str, experiment: str) -> tuple[str, str]:
         [Metric(k, v, ts, step) for k, v, ts, step in metrics],
         [RunTag(k, _truncate(v, 8000)) for k, v in tags.items()],
     )
+    step(1, MIRROR_STEPS[3])
     for name in ARTIFACT_FILES:
         if (record.path / name).is_file():
             client.log_artifact(mlflow_id, str(record.path / name))
@@ -240,6 +269,7 @@ def _mirror(record: _Record, uri: str, experiment: str) -> tuple[str, str]:
             client.log_artifacts(mlflow_id, str(record.path / name), artifact_path=name)
     end = record.start_ms + int(1000 * float(summary.get("train_seconds") or 0))
     client.set_terminated(mlflow_id, _STATUS.get(summary.get("status"), "FAILED"), end_time=end)
+    step(1)
     return experiment_id, mlflow_id
 
 
@@ -251,7 +281,7 @@ def _experiment(client, uri: str, name: str) -> str:
     db = sqlite_path(uri)
     location = (db.parent.resolve() / ARTIFACTS_DIR).as_uri() if db else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # created meanwhile by another process talking to the same server
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -459,13 +489,14 @@ def _grid(images, mean, std):
 
 
 def start_ui(
-    runs_dir: Path, uri: str | None = None, port: int = 5000
+    runs_dir: Path, uri: str | None = None, port: int = 5000, experiment: str = "imgclf"
 ) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` on the store, bound to 127.0.0.1; (process, URL)."""
+    """Start `mlflow server` on the store, bound to 127.0.0.1; (process, URL of the runs table)."""
     if uri is None and not Path(runs_dir).is_dir():
         raise ImgclfError(f"runs folder {runs_dir} does not exist; pass --runs DIR (or --uri)")
     uri = uri or store_uri(TrackingConfig(), runs_dir)
     ensure_store(uri)  # create the schema under our lock, never racing a training
+    experiment_id = ui_experiment(uri, experiment)
     db = sqlite_path(uri)
     artifacts = (db.parent if db else Path(runs_dir)).resolve() / ARTIFACTS_DIR
     cmd = [
@@ -490,7 +521,26 @@ def start_ui(
     }
     # Its own session: the server's workers are stopped together, and only by us.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, ui_url(port, experiment_id)
+
+
+def ui_url(port: int, experiment_id: str | None) -> str:
+    """The experiment's runs table (MLflow 3's `/runs` tab), or the start page without one."""
+    base = f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else base
+
+
+def ui_experiment(uri: str, name: str) -> str | None:
+    """The id of the experiment `name`, tagged as a model-training one; None if it is absent."""
+    with store_lock(uri), _env_defaults(HTTP_DEFAULTS):
+        client = _client(uri)
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            return None
+        for key, value in EXPERIMENT_TAGS.items():
+            if found.tags.get(key) != value:  # experiments made before the tag was set
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
 
 def stop_ui(proc: subprocess.Popen, timeout: float = 15.0) -> int:
@@ -505,13 +555,19 @@ def stop_ui(proc: subprocess.Popen, timeout: float = 15.0) -> int:
     return proc.wait()
 
 
-def run_ui(runs_dir: Path, uri: str | None = None, port: int = 5000, log: Log = print) -> int:
+def run_ui(
+    runs_dir: Path,
+    uri: str | None = None,
+    port: int = 5000,
+    log: Log = print,
+    experiment: str = "imgclf",
+) -> int:
     """`imgclf ui`: serve until Ctrl-C or SIGTERM, then stop the server and its workers."""
     # SIGTERM is caught before the server exists, so no signal can leave it running orphaned.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     proc = None
     try:
-        proc, url = start_ui(runs_dir, uri, port)
+        proc, url = start_ui(runs_dir, uri, port, experiment)
         store = _redacted(uri or store_uri(TrackingConfig(), runs_dir))
         log(f"MLflow UI: {url}  (store {store}, server pid {proc.pid}; Ctrl-C stops it)")
         return proc.wait()

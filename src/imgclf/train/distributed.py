@@ -69,6 +69,12 @@ def world_from_env(env: Mapping[str, str] = os.environ) -> World:
     return World(rank=rank, size=size, local_size=local)
 
 
+class EveryRankError(ImgclfError):
+    """A refusal every rank reaches identically: rank 0 alone prints it (the CLI's `main`)."""
+
+    every_rank = True
+
+
 def check_config(cfg, world: World) -> None:
     """Settings that cannot work across processes, refused before anything starts."""
     if not world.distributed:
@@ -81,17 +87,17 @@ def check_config(cfg, world: World) -> None:
         batches["train.eval_batch_size"] = t.eval_batch_size
     for key, value in batches.items():
         if value % world.size:
-            raise ImgclfError(
+            raise EveryRankError(
                 f"{key}={value} is the global batch and must divide evenly over "
                 f"{world.size} processes; use a multiple of {world.size}"
             )
     if t.features == "cache":
-        raise ImgclfError(
+        raise EveryRankError(
             "train.features=cache trains heads in one process; run it without torchrun "
             "(the head-only stage is fast on one device) or set train.features=none"
         )
     if t.sync_bn and t.accelerator == "cpu":
-        raise ImgclfError(
+        raise EveryRankError(
             "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on CPU)"
         )
 

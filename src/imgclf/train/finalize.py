@@ -18,6 +18,7 @@ from imgclf.data.preview import augmented_batch
 from imgclf.io import atomic_write_text
 from imgclf.models import Preprocessing
 from imgclf.predict.predictor import Predictions, Predictor
+from imgclf.progress import progress_bar
 from imgclf.runs.plots import plot_curves
 from imgclf.runs.record import MODEL_JSON, MODEL_WEIGHTS, SUMMARY_JSON, RunDir
 from imgclf.runs.tracking import mirror_run, tensorboard_log
@@ -33,6 +34,7 @@ def finalize(
     seconds: float,
     log=print,
     error: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """Write predictions (when best weights exist), plots and the summary; return the summary."""
     summary = run.read_json(SUMMARY_JSON) if (run.path / SUMMARY_JSON).is_file() else {}
@@ -42,7 +44,7 @@ def finalize(
         for split in ("val", "test"):
             entries = manifest.split_entries(split)
             if entries:
-                metrics[split] = _predict_split(run, predictor, manifest, split, cfg)
+                metrics[split] = _predict_split(run, predictor, manifest, split, cfg, progress)
     plot_curves(state.history, run.path / "plots" / "curves.png", title=run.id)
     rows = state.history
     summary.update(
@@ -72,7 +74,7 @@ def finalize(
     if state.status != "running":  # the mirrors copy the finished folder, the source of truth
         if cfg.tracking.tensorboard:
             _tensorboard(run, cfg, manifest, state, log)
-        mirror_run(run.path, cfg.tracking, cfg.runs_dir, log)
+        mirror_run(run.path, cfg.tracking, cfg.runs_dir, log, progress=progress)
     test = summary["test"].get("test_accuracy")
     log(
         f"run {run.id}: {state.status}"
@@ -97,13 +99,19 @@ def _tensorboard(run: RunDir, cfg: RunConfig, manifest: Manifest, state: FitStat
 
 
 def _predict_split(
-    run: RunDir, predictor: Predictor, manifest: Manifest, split: str, cfg: RunConfig
+    run: RunDir,
+    predictor: Predictor,
+    manifest: Manifest,
+    split: str,
+    cfg: RunConfig,
+    progress: bool = False,
 ) -> dict:
     entries = manifest.split_entries(split)
     paths = [Path(manifest.root) / e.path for e in entries]
-    preds = predictor.predict_paths(
-        paths, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size
-    )
+    with progress_bar(f"predicting {split} with the best weights", len(paths), progress) as bar:
+        preds = predictor.predict_paths(
+            paths, batch_size=cfg.train.eval_batch_size or cfg.train.batch_size, progress=bar
+        )
     targets = torch.tensor([manifest.labels.index(entries[i].label) for i in preds.ok])
     write_predictions(
         run.path / "predictions" / f"{split}.csv",

@@ -4,6 +4,13 @@
 exponentially from start_lr to end_lr; the loss is smoothed (exponential moving average,
 bias-corrected) and the sweep stops once it exceeds `diverge` × the best smoothed loss. The sweep
 trains the model: save its weights before and restore them after.
+
+The suggestion is a tenth of the lr at the smoothed loss's minimum (Smith's and fastai's
+`lr_min` rule), not the steepest descent. The minimum sits where training starts to become
+unstable, so one decade below it is still in the fast-descending part of the curve with a
+safety margin. The steepest slope depends on a derivative of a noisy, lagging curve (the moving
+average shifts every feature towards larger lrs) and, on real sweeps, often landed right next to
+the minimum — too aggressive for a whole stage.
 """
 
 from __future__ import annotations
@@ -39,8 +46,12 @@ def lr_find(
     num_steps: int = 100,
     smooth: float = 0.98,
     diverge: float = 4.0,
+    on_step: Callable[[float, float], None] | None = None,
 ) -> LRFindResult:
-    """Sweep the lr exponentially, one `step(lr)` each, and suggest the steepest-descent lr."""
+    """Sweep the lr exponentially, one `step(lr)` each, and suggest a tenth of the minimum's lr.
+
+    `on_step(lr, loss)` is called after every step (progress).
+    """
     if not (0 < start_lr < end_lr and num_steps >= 2 and 0 <= smooth < 1 and diverge > 1):
         raise ImgclfError(
             "lr_find needs 0 < start_lr < end_lr, num_steps ≥ 2, 0 ≤ smooth < 1 and diverge > 1; "
@@ -55,6 +66,8 @@ def lr_find(
     for i in range(num_steps):
         lr = start_lr * ratio ** (i / (num_steps - 1))
         loss = float(step(lr))
+        if on_step is not None:
+            on_step(lr, loss)
         if not math.isfinite(loss):
             reason = f"loss became {loss} at lr {lr:.3g}"
             break
@@ -74,15 +87,13 @@ def lr_find(
 
 
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, str]:
-    """The lr of steepest negative slope (in log lr) before the minimum, and how it was chosen."""
+    """A tenth of the lr at the smoothed loss's minimum (see the module docstring), and why."""
     imin = int(np.argmin(losses))
-    if imin >= 2:
-        slope = np.gradient(np.asarray(losses[: imin + 1]), np.log10(lrs[: imin + 1]))
-        i = int(np.argmin(slope))
-        if slope[i] < 0:
-            return lrs[i], f"suggestion {lrs[i]:.3g}: steepest descent before the minimum"
-    fallback = lrs[imin] / 10
-    return fallback, f"suggestion {fallback:.3g}: lr at the minimum / 10 (no clear descent)"
+    suggestion = lrs[imin] / 10
+    how = f"suggestion {suggestion:.3g}: the minimum's lr {lrs[imin]:.3g} / 10"
+    if imin == 0:
+        how += " (the loss never fell: try a lower start lr)"
+    return suggestion, how
 
 
 def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:

@@ -12,6 +12,7 @@ from imgclf.config import RunConfig
 from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.models import apply_trainable, build_model, param_groups, set_train_mode
+from imgclf.progress import progress_bar
 from imgclf.train.losses import build_loss
 from imgclf.train.lr_find import LRFindResult, lr_find, plot_lr_find
 from imgclf.train.optim import build_optimizer
@@ -54,6 +55,13 @@ def find_lr(
         optimizer.step()
         return loss.item()
 
-    result = lr_find(step, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps)
+    with progress_bar("lr-find", num_steps, progress) as advance:
+
+        def on_step(lr: float, loss: float) -> None:
+            advance(description=f"lr-find: lr {lr:.1e}, loss {loss:.3f}")
+
+        result = lr_find(
+            step, start_lr=start_lr, end_lr=end_lr, num_steps=num_steps, on_step=on_step
+        )
     plot_lr_find(result, plot)
     return result

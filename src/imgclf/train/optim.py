@@ -100,6 +100,18 @@ def build_optimizer(
     return builder(groups, stage, _device_kwargs(cls, device_type))
 
 
+def describe_groups(param_groups: list[dict]) -> str:
+    """One line: each group's base lr and parameter count (decay / no-decay halves merged)."""
+    merged: dict[str, list] = {}
+    for i, group in enumerate(param_groups):
+        name = str(group.get("name", f"group{i}")).split("/")[0]
+        count = sum(p.numel() for p in group["params"] if p.requires_grad)
+        lr, total = merged.setdefault(name, [float(group["lr"]), 0])
+        merged[name] = [lr, total + count]
+    parts = [f"{name} {lr:.2e} ({count:,})" for name, (lr, count) in merged.items()]
+    return "lr per group (params): " + ", ".join(parts)
+
+
 def _cos_anneal(start: float, end: float, pct: float) -> float:
     return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 

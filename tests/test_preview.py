@@ -136,3 +136,55 @@ def test_cli(manifest, tmp_path):
     assert Image.open(out).height == _HEADER + 3 * (40 + _PAD) + _PAD
     bad = subprocess.run([*cmd, "--augment", "wild"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Invalid value for '--augment'" in bad.stderr
+
+
+def test_a_run_configs_augmentation_and_mixup_are_drawn(manifest, tmp_path):
+    """Issue 14: the preview takes the run config's own augmentation (every override, not only
+    a preset name) and shows MixUp as training mixes: each tile with the class above it."""
+    from typer.testing import CliRunner
+
+    from imgclf.cli import app
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("train:\n  augment: {preset: none, hflip: 1.0}\n  mixup: 0.4\n")
+    out = tmp_path / "mix.png"
+    result = CliRunner().invoke(
+        app,
+        ["data", "preview", str(manifest), "-c", str(cfg), "--per-class", "2", "--size", "24",
+         "-o", str(out), "--seed", "3"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 classes × 2 samples (+ MixUp / CutMix)" in result.output
+    a = np.asarray(Image.open(out).convert("RGB")).astype(float)
+    block = 2 * (24 + _PAD)
+    mixed0 = a.shape[1] - block
+    aug0, raw0 = mixed0 - _GAP - block, mixed0 - 2 * (_GAP + block)
+
+    def tile(left, r, c):
+        y = _HEADER + r * (24 + _PAD)
+        return a[y : y + 24, left + c * (24 + _PAD) :][:, :24]
+
+    lambdas = []
+    for r in range(3):
+        for c in range(2):
+            raw, aug = tile(raw0, r, c), tile(aug0, r, c)
+            assert np.array_equal(aug, raw[:, ::-1]), (r, c)  # hflip 1.0 from the config
+            # the partner: the tile before it in the column-by-column batch (the class above)
+            pr, pc = (r - 1, c) if r else (2, c - 1 if c else 1)
+            other, mixed = tile(aug0, pr, pc), tile(mixed0, r, c)
+            differ = np.abs(aug - other) > 20
+            assert differ.sum() > 20, (r, c)  # different classes, different pixels
+            lambdas.append(((mixed - other)[differ] / (aug - other)[differ]).mean())
+    # One λ for the whole batch (MixUp), strictly between the two images.
+    assert min(lambdas) > 0.0 and max(lambdas) < 1.0 and max(lambdas) - min(lambdas) < 0.05
+
+    # Overrides alone work too, and a folder that is not a run is refused by name.
+    again = CliRunner().invoke(
+        app,
+        ["data", "preview", str(manifest), "train.augment.preset=light", "--per-class", "1",
+         "--size", "16", "-o", str(tmp_path / "o.png")],
+    )  # fmt: skip
+    assert again.exit_code == 0 and "MixUp" not in again.output, again.output
+    bad = CliRunner().invoke(app, ["data", "preview", str(manifest), "-c", str(tmp_path)])
+    assert isinstance(bad.exception, ImgclfError), bad.output  # the CLI's main prints it, exit 2
+    assert "without config.yaml" in str(bad.exception)

@@ -2,8 +2,12 @@
 
 Rows are classes (in the label map's order); on the left the eval view of each sample (resized,
 centre-cropped), on the right the same samples through the training transform of the chosen
-preset, de-normalised for display. The samples and their augmentations are seeded, so a sheet
-can be redrawn with another preset for a side-by-side comparison of the same images.
+preset (or of a run config's `train.augment`), de-normalised for display. With a batch mixer
+(MixUp / CutMix, from a run config) a third block shows the augmented tiles mixed as a training
+batch mixes them: the batch is taken column by column, so each tile is paired with the tile of
+the class above it (torchvision's MixUp / CutMix pair each sample with the one before it). The
+samples and their augmentations are seeded, so a sheet can be redrawn with another preset for a
+side-by-side comparison of the same images.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Sheet:
     classes: int
     per_class: int
     skipped: int  # samples that failed to load (drawn as grey tiles)
+    mixed: bool = False  # a third block shows MixUp / CutMix
 
 
 def pick_samples(
@@ -66,30 +71,46 @@ def contact_sheet(
     split: str | None = None,
     seed: int = 0,
     out: Path = Path("preview.png"),
+    *,
+    augment: AugmentConfig | None = None,
+    title: str | None = None,
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mix_title: str = "mixed",
 ) -> Sheet:
-    """Draw the raw and augmented grid for a manifest and write it as a PNG (atomically)."""
+    """Draw the raw and augmented grid for a manifest and write it as a PNG (atomically).
+
+    `augment` (a run config's `train.augment`) replaces `preset`; `title` names it on the
+    sheet. `mixer`: (images, labels) → (mixed images, soft targets), e.g. `batch_mixer`."""
     manifest = read_manifest(manifest_dir)
-    try:
-        aug = AugmentConfig(preset=preset)
-    except ValueError:
-        raise ImgclfError(
-            f"unknown augment preset {preset!r}; choose none, light, default or strong"
-        ) from None
+    if augment is None:
+        try:
+            augment = AugmentConfig(preset=preset)
+        except ValueError:
+            raise ImgclfError(
+                f"unknown augment preset {preset!r}; choose none, light, default or strong"
+            ) from None
+        title = title or preset
+    aug = augment
     picked = pick_samples(manifest, per_class, split, seed)
     raw_tf = eval_transform(size, _MEAN, _STD, crop_pct=1.0)
     aug_tf = train_transform(aug, size, _MEAN, _STD, crop_pct=1.0)  # preset none = the raw view
     font = _font(max(10, min(16, size // 6)))
     label_w = _PAD + max(_text_width(font, n) for n in picked) + 2 * _PAD
     block_w = per_class * (size + _PAD)
+    blocks = 3 if mixer is not None else 2
     sheet = Image.new(
         "RGB",
-        (label_w + 2 * block_w + _GAP, _HEADER + len(picked) * (size + _PAD) + _PAD),
+        (
+            label_w + blocks * block_w + (blocks - 1) * _GAP,
+            _HEADER + len(picked) * (size + _PAD) + _PAD,
+        ),
         _BACKGROUND,
     )
     draw = ImageDraw.Draw(sheet)
     draw.text((label_w, _PAD), "raw (eval view)", fill=_TEXT, font=font)
-    draw.text((label_w + block_w + _GAP, _PAD), f"augmented: {preset}", fill=_TEXT, font=font)
+    draw.text((label_w + block_w + _GAP, _PAD), f"augmented: {title}", fill=_TEXT, font=font)
     skipped = 0
+    views: dict[tuple[int, int], torch.Tensor] = {}
     for row, (name, entries) in enumerate(picked.items()):
         y = _HEADER + row * (size + _PAD)
         draw.text((_PAD, y + size // 2 - 8), name, fill=_TEXT, font=font)
@@ -104,10 +125,30 @@ def contact_sheet(
             sheet.paste(to_pil(raw_tf(image)), (x, y))
             augmented = _seeded(aug_tf, image, seed * 1_000_003 + row * 1009 + col)
             sheet.paste(to_pil(augmented), (x + block_w + _GAP, y))
+            views[row, col] = augmented
+    if mixer is not None:
+        left = label_w + 2 * (block_w + _GAP)
+        draw.text((left, _PAD), mix_title, fill=_TEXT, font=font)
+        for (row, col), tile in _mixed(views, mixer, seed).items():
+            sheet.paste(to_pil(tile), (left + col * (size + _PAD), _HEADER + row * (size + _PAD)))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     atomic_write_bytes(out, buf.getvalue())
-    return Sheet(Path(out), len(picked), per_class, skipped)
+    return Sheet(Path(out), len(picked), per_class, skipped, mixed=mixer is not None)
+
+
+def _mixed(views: dict[tuple[int, int], torch.Tensor], mixer, seed: int):
+    """The augmented tiles through `mixer` as one batch, column by column (each tile's partner
+    is the one before it in the batch: the class above, in the same column)."""
+    order = sorted(views, key=lambda rc: (rc[1], rc[0]))
+    if not order:
+        return {}
+    batch = torch.stack([views[rc] for rc in order])
+    labels = torch.tensor([row for row, _ in order])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + 7)
+        mixed, _targets = mixer(batch, labels)
+    return dict(zip(order, mixed, strict=True))
 
 
 def augmented_batch(

@@ -1,4 +1,4 @@
-"""Write real good, bad and odd image files for tests (BAD_INPUTS.md rows 1-15).
+"""Write real good, bad and odd image files for tests (docs/RELIABILITY.md rows 1-15).
 
 Every writer takes the target path, creates parent folders, writes the file and returns it as a
 Path. Pixels come from seeded numpy noise and gradients: the same arguments give identical bytes,

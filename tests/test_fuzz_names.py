@@ -1,4 +1,5 @@
-"""Fuzzing file and folder names through scan → split → train → predict (BAD_INPUTS 15, 31, 32).
+"""Fuzzing file and folder names through scan → split → train → predict (docs/RELIABILITY.md
+rows 15, 31, 32).
 
 Names are random bytes (often not UTF-8), Unicode in NFC or NFD form, or long (near the 255-byte
 limit), next to FIFOs and sockets. Whatever the names, every step ends in a written manifest or
@@ -213,7 +214,7 @@ def hostile_run(tmp_path_factory):
 @example(spec=[(b"cat", [(b"bad_\xff", b".png", "good"), (b"pipe", b".png", "fifo")])])
 @example(spec=[(b"\xff\xfe", [(b"x", b".png", "good")]), (b"ok", [(b"L" * 251, b".png", "good")])])
 def test_any_names_give_a_manifest_or_a_clear_error(hostile_run, tmp_path, spec):
-    """BAD_INPUTS 15, 31, 32: scan → split → training loader → predict on random names."""
+    """RELIABILITY 15, 31, 32: scan → split → training loader → predict on random names."""
     with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
         tmp = Path(tmp)
         root, sockets = tmp / "data", []

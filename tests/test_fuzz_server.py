@@ -1,4 +1,4 @@
-"""Fuzzing the HTTP API in-process (BAD_INPUTS H1-H10): whatever arrives — random JSON
+"""Fuzzing the HTTP API in-process (docs/RELIABILITY.md H1-H10): whatever arrives — random JSON
 structures, huge, infinite and NaN numbers, deep nesting, odd encodings, random or damaged image
 bytes, odd names and content types — the answer is a 2xx or a 4xx with a JSON error body, never
 a 5xx, and the server keeps answering.
@@ -167,7 +167,7 @@ def _json_text(value) -> str:
     query=st.one_of(st.none(), st.none(), st.none(), st.text(max_size=12), numbers.map(str)),
 )
 def test_fuzz_json_predict_is_never_5xx(client, payload, encoding, query):
-    """BAD_INPUTS H10: random JSON documents (any structure, any numbers, any encoding)."""
+    """RELIABILITY H10: random JSON documents (any structure, any numbers, any encoding)."""
     try:
         body = _json_text(payload).encode(encoding)
     except UnicodeEncodeError:  # latin-1 cannot hold every character: send UTF-8 then
@@ -192,7 +192,7 @@ def test_fuzz_json_predict_is_never_5xx(client, payload, encoding, query):
     ctype=content_types,
 )
 def test_fuzz_raw_bodies_and_content_types_are_never_5xx(client, body, ctype):
-    """BAD_INPUTS H2, H10: raw bytes under any content type, to both upload endpoints."""
+    """RELIABILITY H2, H10: raw bytes under any content type, to both upload endpoints."""
     for path in ("/predict", "/predict/batch"):
         assert_answered(client.post(path, content=body, headers={"content-type": ctype}))
     assert_alive(client)
@@ -235,7 +235,7 @@ def _multipart(items: list, boundary: str) -> bytes:
     top_k=st.one_of(st.none(), st.text(max_size=8), numbers.map(str)),
 )
 def test_fuzz_multipart_uploads_are_never_5xx(client, items, boundary, path, top_k):
-    """BAD_INPUTS H1-H4, H9: random parts, names, content types and file bytes (valid,
+    """RELIABILITY H1-H4, H9: random parts, names, content types and file bytes (valid,
     damaged, truncated, random, sniffable magic + junk) to both upload endpoints."""
     body = _multipart(items, boundary)
     headers = {"content-type": f'multipart/form-data; boundary="{boundary}"'}
@@ -253,7 +253,7 @@ def test_fuzz_multipart_uploads_are_never_5xx(client, items, boundary, path, top
 @FUZZ
 @given(files=st.lists(file_bytes, min_size=1, max_size=4), ctype=st.sampled_from(["image/png", ""]))
 def test_fuzz_image_bytes_through_the_decoder_are_never_5xx(client, files, ctype):
-    """BAD_INPUTS H2, H3: valid, damaged and truncated images of every accepted format and
+    """RELIABILITY H2, H3: valid, damaged and truncated images of every accepted format and
     random bytes behind image magic numbers reach the decoder: each is a result or a 4xx."""
     upload = [("files", (f"{i}.png", data, ctype)) for i, data in enumerate(files)]
     r = client.post("/predict/batch", files=upload)

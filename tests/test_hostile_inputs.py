@@ -1,7 +1,7 @@
 """Hostile files and careless use at the file system and the CLI (issue 13): names that are not
 UTF-8, FIFOs and sockets, CSV rows leading out of the data root through links, `-o -`, the
 minimum side at prediction, the predict summary, dead runs on the leaderboard, the scan
-report's notes and torch's unsafe advice. Each docstring names its BAD_INPUTS row."""
+report's notes and torch's unsafe advice. Each docstring names its row of docs/RELIABILITY.md."""
 
 import contextlib
 import csv
@@ -150,7 +150,7 @@ def run(tmp_path_factory):
 
 
 def test_scan_skips_names_that_are_not_utf8_and_writes_everything(tmp_path):
-    """BAD_INPUTS 31: file and folder names that are not UTF-8 are skipped with a reason and
+    """RELIABILITY 31: file and folder names that are not UTF-8 are skipped with a reason and
     shown escaped; manifest.csv, manifest.json and the report are written; nothing is modified."""
     root = fx.make_class_folder(tmp_path / "data", per_class=3)
     write_bytes_name(root / "cat", BAD, (root / "cat" / "cat_0.png").read_bytes())
@@ -181,7 +181,7 @@ def test_scan_skips_names_that_are_not_utf8_and_writes_everything(tmp_path):
 
 
 def test_names_with_a_carriage_return_keep_every_csv_whole(run, tmp_path):
-    """BAD_INPUTS 31 (found by the fuzz test): a carriage return in a name (macOS "Icon\\r"
+    """RELIABILITY 31 (found by the fuzz test): a carriage return in a name (macOS "Icon\\r"
     files) split manifest.csv rows, since the csv module does not quote it; such names are
     shown as \\r and skipped (or ignored), at scan and at predict."""
     from imgclf.commands.predict import predict_files
@@ -202,7 +202,7 @@ def test_names_with_a_carriage_return_keep_every_csv_whole(run, tmp_path):
 
 
 def test_scan_cli_with_a_bad_name_finishes(tmp_path):
-    """BAD_INPUTS 31: the reported crash (`imgclf scan` → UnicodeEncodeError) is gone."""
+    """RELIABILITY 31: the reported crash (`imgclf scan` → UnicodeEncodeError) is gone."""
     root = fx.make_class_folder(tmp_path / "data", per_class=3)
     write_bytes_name(root / "cat", BAD, (root / "cat" / "cat_0.png").read_bytes())
     rc, out, err = run_cli(["scan", "data", "-o", "m", "--no-progress"], tmp_path, [])
@@ -212,7 +212,7 @@ def test_scan_cli_with_a_bad_name_finishes(tmp_path):
 
 
 def test_a_data_root_whose_name_is_not_utf8_is_a_clear_error(tmp_path):
-    """BAD_INPUTS 31: the root itself is stored in the manifest, so it must be text."""
+    """RELIABILITY 31: the root itself is stored in the manifest, so it must be text."""
     root = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"d\xffata")))
     fx.make_class_folder(root, per_class=2)
     with pytest.raises(
@@ -225,7 +225,7 @@ def test_a_data_root_whose_name_is_not_utf8_is_a_clear_error(tmp_path):
 
 
 def test_image_loader_never_opens_a_fifo(tmp_path):
-    """BAD_INPUTS 32: the one image loader refuses non-regular files from their stat alone."""
+    """RELIABILITY 32: the one image loader refuses non-regular files from their stat alone."""
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     for fn in (load_image, probe, check_image):
@@ -241,7 +241,7 @@ def test_image_loader_never_opens_a_fifo(tmp_path):
 
 
 def test_scan_skips_fifos_and_sockets_in_parallel_and_in_process(tmp_path):
-    """BAD_INPUTS 32: scan (with its worker pool) skips FIFOs and sockets, never opens them."""
+    """RELIABILITY 32: scan (with its worker pool) skips FIFOs and sockets, never opens them."""
     root = fx.make_class_folder(tmp_path / "data", per_class=24, size=(16, 16))  # 72: a pool
     fifo = root / "cat" / "pipe.png"
     os.mkfifo(fifo)
@@ -265,7 +265,7 @@ def test_scan_skips_fifos_and_sockets_in_parallel_and_in_process(tmp_path):
 
 
 def test_a_file_replaced_by_a_fifo_after_the_stat_is_still_not_opened(tmp_path):
-    """BAD_INPUTS 32: the worker re-checks: a FIFO swapped in after discovery never blocks."""
+    """RELIABILITY 32: the worker re-checks: a FIFO swapped in after discovery never blocks."""
     fifo = tmp_path / "late.png"
     os.mkfifo(fifo)
     result = never_blocks(lambda: scan_module.check_file((str(fifo), 10**8, 8)), fifo)
@@ -273,7 +273,7 @@ def test_a_file_replaced_by_a_fifo_after_the_stat_is_still_not_opened(tmp_path):
 
 
 def test_scan_pool_workers_die_with_the_command(tmp_path, monkeypatch):
-    """BAD_INPUTS 32: no pool worker outlives its command, even after kill -9 of the command."""
+    """RELIABILITY 32: no pool worker outlives its command, even after kill -9 of the command."""
     script = (
         "import os, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
@@ -317,7 +317,7 @@ def _running(pid: int) -> bool:
 
 
 def test_csv_rows_that_resolve_outside_the_root_are_refused_by_line(tmp_path):
-    """BAD_INPUTS 33: a CSV row naming a symlink (or a path through a linked folder) that
+    """RELIABILITY 33: a CSV row naming a symlink (or a path through a linked folder) that
     resolves outside the data root is an error citing the line, as folder mode refuses it."""
     root, outside = tmp_path / "root", tmp_path / "outside"
     fx.write_png(root / "a" / "real.png", seed=1)
@@ -351,7 +351,7 @@ def test_csv_rows_that_resolve_outside_the_root_are_refused_by_line(tmp_path):
 
 
 def test_csv_row_naming_a_fifo_is_skipped_not_opened(tmp_path):
-    """BAD_INPUTS 32 in CSV mode: a FIFO row is skipped with its reason (not 'not found')."""
+    """RELIABILITY 32 in CSV mode: a FIFO row is skipped with its reason (not 'not found')."""
     root = fx.make_class_folder(tmp_path / "d", classes=("a", "b"), per_class=2)
     os.mkfifo(root / "a" / "pipe.png")
     (root / "list.csv").write_text("path,label\na/a_0.png,a\na/pipe.png,a\nb/b_0.png,b\n")
@@ -374,7 +374,7 @@ def read_rows(text: str) -> dict[str, dict]:
 
 
 def test_predict_reports_bad_names_and_fifos_and_writes_its_output(run, tmp_path):
-    """BAD_INPUTS 31, 32: predict finishes, with a row and a reason for each such file, the
+    """RELIABILITY 31, 32: predict finishes, with a row and a reason for each such file, the
     CSV written, and on stderr how many failed."""
     d = tmp_path / "in"
     fx.write_png(d / "good.png", size=(40, 40), seed=1)
@@ -395,7 +395,7 @@ def test_predict_reports_bad_names_and_fifos_and_writes_its_output(run, tmp_path
 
 
 def test_predict_reads_names_that_are_not_utf8_from_stdin(run, tmp_path):
-    """BAD_INPUTS 31: a path list on standard input with such a name is not a crash."""
+    """RELIABILITY 31: a path list on standard input with such a name is not a crash."""
     fx.write_png(tmp_path / "ok.png", size=(40, 40))
     proc = subprocess.run(
         [sys.executable, "-m", "imgclf", "predict", str(run), "-", "--top-k", "1"],
@@ -423,7 +423,7 @@ def test_predict_dash_o_writes_to_stdout(run, tmp_path, capsys):
 
 
 def test_predict_refuses_images_under_scans_minimum_side(run, tmp_path):
-    """BAD_INPUTS 12: one minimum side everywhere: predict refuses what scan refused (the
+    """RELIABILITY 12: one minimum side everywhere: predict refuses what scan refused (the
     run's data.scan.min_side, default 8), and takes what scan took."""
     from imgclf.commands.predict import predict_files
 
@@ -447,7 +447,7 @@ def test_predict_refuses_images_under_scans_minimum_side(run, tmp_path):
 
 
 def test_predict_says_on_stderr_how_many_failed(run, tmp_path, capsys):
-    """BAD_INPUTS 1–3: predict exits 0 with failed files, and stderr counts them by reason."""
+    """RELIABILITY 1–3: predict exits 0 with failed files, and stderr counts them by reason."""
     from imgclf.commands.predict import predict
 
     fx.write_png(tmp_path / "in" / "good.png", size=(40, 40))
@@ -464,7 +464,7 @@ def test_predict_says_on_stderr_how_many_failed(run, tmp_path, capsys):
 
 
 def test_leaderboard_shows_a_killed_run_as_dead(run, tmp_path):
-    """BAD_INPUTS F1: a run killed with kill -9 is shown `dead`, not `running` forever; the run
+    """RELIABILITY F1: a run killed with kill -9 is shown `dead`, not `running` forever; the run
     folder is not modified; a live owner still shows `running`."""
     runs = tmp_path / "runs"
     killed, alive, elsewhere = (
@@ -502,7 +502,7 @@ def test_leaderboard_shows_a_killed_run_as_dead(run, tmp_path):
 
 
 def test_a_reused_pid_does_not_keep_a_dead_run_running(run, tmp_path):
-    """BAD_INPUTS F1: the lock names a pid that now belongs to a process started later."""
+    """RELIABILITY F1: the lock names a pid that now belongs to a process started later."""
     folder = tmp_path / "runs" / "20990101-000000-x-scratch_cnn-000009"
     shutil.copytree(run, folder)
     summary = json.loads((folder / "summary.json").read_text())
@@ -518,7 +518,7 @@ def test_a_reused_pid_does_not_keep_a_dead_run_running(run, tmp_path):
 
 
 def test_scan_report_keeps_the_numbers_of_normalisation_notes(tmp_path):
-    """BAD_INPUTS 7, 8, 9: the report says "16-bit scaled to 8-bit", not "N-bit to N-bit"."""
+    """RELIABILITY 7, 8, 9: the report says "16-bit scaled to 8-bit", not "N-bit to N-bit"."""
     root = tmp_path / "data"
     fx.write_16bit_png(root / "a" / "deep.png")
     fx.write_grayscale_png(root / "a" / "gray.png")
@@ -542,7 +542,7 @@ class Exploit:
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_refused_checkpoint_never_repeats_torchs_unsafe_advice(tmp_path):
-    """BAD_INPUTS F4: the refusal names the file and what was found, and never repeats torch's
+    """RELIABILITY F4: the refusal names the file and what was found, and never repeats torch's
     advice that weights_only=False "will likely succeed"."""
     from imgclf.models.pretrained import read_state_dict
     from imgclf.runs.checkpoint import load_checkpoint

@@ -1,4 +1,4 @@
-"""imgclf.data.images against real good, bad and odd files (BAD_INPUTS.md rows 1-15)."""
+"""imgclf.data.images against real good, bad and odd files (docs/RELIABILITY.md rows 1-15)."""
 
 from __future__ import annotations
 

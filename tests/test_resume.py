@@ -1,5 +1,5 @@
 """A resumed run from the outside: `imgclf train --resume RUN key=value` and the report page's
-training time (BAD_INPUTS F1, F5)."""
+training time (docs/RELIABILITY.md F1, F5)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def invoke(*args) -> object:
 
 
 def test_resume_overrides_apply_on_top_of_the_runs_own_config(finished_run, monkeypatch):
-    """BAD_INPUTS F5: `train --resume RUN key=value` without the config file compares the run's
+    """RELIABILITY F5: `train --resume RUN key=value` without the config file compares the run's
     own config.yaml plus the override with the saved one: only the overridden key differs."""
     result = invoke("train", "--resume", finished_run, "train.batch_size=7", "--no-progress")
     assert isinstance(result.exception, ImgclfError), result.output
@@ -72,7 +72,7 @@ def test_resume_overrides_apply_on_top_of_the_runs_own_config(finished_run, monk
 
 
 def test_resume_with_an_override_equal_to_the_saved_value_resumes(finished_run, tmp_path):
-    """BAD_INPUTS F5: an override that changes nothing is no difference (today it listed a
+    """RELIABILITY F5: an override that changes nothing is no difference (today it listed a
     dozen differences from the built-in defaults and refused)."""
     run = tmp_path / finished_run.name
     _copy_run(finished_run, run)
@@ -82,7 +82,7 @@ def test_resume_with_an_override_equal_to_the_saved_value_resumes(finished_run, 
 
 
 def test_report_shows_the_real_training_time_of_a_resumed_run(finished_run, tmp_path):
-    """BAD_INPUTS F1: a run resumed after its last checkpoint (killed while finishing) used to
+    """RELIABILITY F1: a run resumed after its last checkpoint (killed while finishing) used to
     record train_seconds for the last process only (0.0 s). The time now adds up over resumes
     (it travels in the checkpoint); run folders written before that still show the epochs'
     time from metrics.csv on the report and comparison pages, never 0.0 s."""

@@ -1,4 +1,5 @@
-"""`imgclf scan` against real files for every BAD_INPUTS row the data layer owns (1–30)."""
+"""`imgclf scan` against real files for every row the data layer owns (docs/RELIABILITY.md
+rows 1–30)."""
 
 import hashlib
 import os

@@ -1,4 +1,4 @@
-"""CSV manifests as input (BAD_INPUTS rows 27–28): every problem cites its line."""
+"""CSV manifests as input (docs/RELIABILITY.md rows 27–28): every problem cites its line."""
 
 import unicodedata
 

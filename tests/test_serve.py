@@ -1,4 +1,5 @@
-"""`imgclf serve`: a real uvicorn on a loopback port, driven by httpx through BAD_INPUTS H1-H10.
+"""`imgclf serve`: a real uvicorn on a loopback port, driven by httpx through
+docs/RELIABILITY.md H1-H10.
 
 Every server here is the real app + uvicorn (with its header deadline) on 127.0.0.1; the
 "slow" and "failing" backends are the real ONNX backend with a sleep or a raise in front of it.
@@ -566,7 +567,7 @@ def wait_for_health(url: str, ok, seconds: float = 5.0) -> dict:
 
 
 def test_h8_idle_slow_uploads_do_not_starve_inference(model):
-    """BAD_INPUTS H8: ten clients that open an upload and go quiet (as many as --concurrency
+    """RELIABILITY H8: ten clients that open an upload and go quiet (as many as --concurrency
     + --queue) hold no admission ticket: a normal request made meanwhile is served at once."""
     _, _, samples, backend = model
     good = samples[0].read_bytes()
@@ -589,7 +590,7 @@ def test_h8_idle_slow_uploads_do_not_starve_inference(model):
 
 
 def test_h8_body_reads_are_bounded_apart_and_freed_by_the_read_timeout(model):
-    """BAD_INPUTS H8: at most --max-uploads bodies are received at once (503 + Retry-After
+    """RELIABILITY H8: at most --max-uploads bodies are received at once (503 + Retry-After
     beyond, naming the option); an idle one gets 408 at --read-timeout and frees its place."""
     _, _, samples, backend = model
     good = samples[0].read_bytes()
@@ -636,7 +637,7 @@ class CountingBackend(SlowBackend):
 
 
 def test_h9_pixels_per_request_are_capped_from_the_headers_before_decoding(model):
-    """BAD_INPUTS H9: a batch of small files that decode to huge images is 413 naming
+    """RELIABILITY H9: a batch of small files that decode to huge images is 413 naming
     --max-request-pixels, from the headers alone (nothing decoded); within the budget each
     decoded image is freed once its model input is made, before the next one is decoded."""
     _, _, _, backend = model
@@ -704,7 +705,7 @@ def serve_subprocess(export: Path, *options: str):
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
 def test_h9_one_decoded_image_at_a_time_and_memory_returns_after_the_request(model):
-    """BAD_INPUTS H9: three black 7000 × 7000 PNGs (147 M pixels, within the default budget)
+    """RELIABILITY H9: three black 7000 × 7000 PNGs (147 M pixels, within the default budget)
     raise the server's peak memory by about one decoded image, not three, and its resident
     size returns afterwards (measured before the fix: +655 MiB peak, +425 MiB after)."""
     _, export, samples, _ = model
@@ -724,7 +725,7 @@ def test_h9_one_decoded_image_at_a_time_and_memory_returns_after_the_request(mod
 
 
 def test_h9_request_pixel_budget_is_a_documented_serve_option():
-    """BAD_INPUTS H9: --max-request-pixels (and --max-uploads) are `imgclf serve` options,
+    """RELIABILITY H9: --max-request-pixels (and --max-uploads) are `imgclf serve` options,
     listed in its help and in the README's serving section and the architecture notes."""
     from typer.testing import CliRunner
 
@@ -742,7 +743,7 @@ def test_h9_request_pixel_budget_is_a_documented_serve_option():
 
 
 def test_h10_hostile_json_is_4xx_never_5xx(model):
-    """BAD_INPUTS H10: infinite or huge numbers, a million nested arrays, wrong types and bad
+    """RELIABILITY H10: infinite or huge numbers, a million nested arrays, wrong types and bad
     encodings in JSON bodies are 422 with a JSON error, and the server goes on."""
     _, _, samples, backend = model
     image = base64.b64encode(samples[0].read_bytes()).decode()

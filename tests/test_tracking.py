@@ -1,6 +1,7 @@
 """MLflow mirroring of real tiny runs, read back through MLflow's own client; concurrent mirrors
-into one fresh SQLite store (BAD_INPUTS F8); broken stores only warn; TensorBoard logs read back
-with TensorBoard's reader; `imgclf ui` serving HTTP 200 and shutting down without orphans."""
+into one fresh SQLite store (docs/RELIABILITY.md F8); broken stores only warn; TensorBoard logs
+read back with TensorBoard's reader; `imgclf ui` serving HTTP 200 and shutting down without
+orphans."""
 
 import csv
 import fcntl

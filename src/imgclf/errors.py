@@ -8,7 +8,8 @@ class ImgclfError(Exception):
 
 
 # torch.load's refusal advises weights_only=False (or allowlisting the class): advice a user
-# must never follow for a file someone else made, so imgclf never repeats it (BAD_INPUTS F4).
+# must never follow for a file someone else made, so imgclf never repeats it
+# (docs/RELIABILITY.md F4).
 _ADVICE = ("weights_only", "safe_globals", "if you trust", "trusted source", "file an issue")
 _ADVICE += ("Check the documentation", "Weights only load failed", "In PyTorch 2.6")
 

@@ -1,7 +1,7 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then os.replace.
 
 A crash half-way leaves the previous version intact and never a partial file under the final
-name (BAD_INPUTS F2); a full disk says which file it was writing (F3).
+name (docs/RELIABILITY.md F2); a full disk says which file it was writing (F3).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def special_kind(mode: int) -> str:
 
 
 def open_regular(path: str | os.PathLike) -> IO[bytes]:
-    """Open a regular file for reading, refusing anything else (BAD_INPUTS 32).
+    """Open a regular file for reading, refusing anything else (RELIABILITY 32).
 
     os.stat comes first, so a FIFO or device is never opened at all; the open itself is
     non-blocking and re-checked with fstat, so a FIFO swapped in between cannot block either.
@@ -166,7 +166,7 @@ CARRIAGE_RETURN = "file name holds a carriage return: rename it (shown here as \
 
 def unusable_name(path: str | os.PathLike) -> str:
     """Why a path cannot be kept as text in manifests and CSV files ('' when it can): its
-    bytes are not UTF-8 (BAD_INPUTS 31), or it holds a carriage return."""
+    bytes are not UTF-8 (RELIABILITY 31), or it holds a carriage return."""
     text = os.fsdecode(path)
     if not is_utf8(text):
         return NOT_UTF8
@@ -175,7 +175,7 @@ def unusable_name(path: str | os.PathLike) -> str:
 
 def printable(name: str | os.PathLike) -> str:
     """A file name as text that every CSV and JSON writer keeps: bytes that are not UTF-8 as
-    \\xNN (BAD_INPUTS 31), a carriage return as \\r."""
+    \\xNN (RELIABILITY 31), a carriage return as \\r."""
     text = os.fspath(name)
     if isinstance(text, bytes):
         text = text.decode("utf-8", "backslashreplace")

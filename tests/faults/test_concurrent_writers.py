@@ -1,5 +1,6 @@
-"""BAD_INPUTS F8: two trainings and two sweep processes, started together, write one runs folder
-and one MLflow store. Nothing is lost or duplicated and no "database is locked" surfaces.
+"""docs/RELIABILITY.md F8: two trainings and two sweep processes, started together, write one
+runs folder and one MLflow store. Nothing is lost or duplicated and no "database is locked"
+surfaces.
 
 The two sweep processes are the same `imgclf sweep FILE` command typed twice at once (each runs
 trials itself): both create the new study, both queue its slots, both claim trials.

@@ -1,6 +1,6 @@
-"""BAD_INPUTS F9: the same seed twice on CPU gives identical metrics and weights — also in a
-fresh process with DataLoader workers and the strongest augmentation, because every image is
-augmented under its own seed from the sampler, whatever process decodes it."""
+"""docs/RELIABILITY.md F9: the same seed twice on CPU gives identical metrics and weights — also
+in a fresh process with DataLoader workers and the strongest augmentation, because every image
+is augmented under its own seed from the sampler, whatever process decodes it."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""BAD_INPUTS F3 (disk full while saving) and F10 (a DataLoader worker dies mid-epoch).
+"""docs/RELIABILITY.md F3 (disk full while saving) and F10 (a DataLoader worker dies mid-epoch).
 
 The disk fills up on a real 4 MB tmpfs (when this machine lets the tests mount one) and through
 a writer that fails every write with ENOSPC (always); either way the error names the file being

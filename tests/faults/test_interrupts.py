@@ -1,6 +1,6 @@
-"""BAD_INPUTS F4–F6 and F8 for training: Ctrl-C once and twice, SIGTERM, checkpoints that must
-be refused (including another architecture's), resuming against changed data, and a second
-process resuming a run that is still training."""
+"""docs/RELIABILITY.md F4–F6 and F8 for training: Ctrl-C once and twice, SIGTERM, checkpoints
+that must be refused (including another architecture's), resuming against changed data, and a
+second process resuming a run that is still training."""
 
 import json
 import os

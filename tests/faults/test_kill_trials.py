@@ -1,7 +1,8 @@
-"""BAD_INPUTS F1 and F2: a training killed with SIGKILL again and again — at random moments
-from outside, inside checkpoint writes, between a complete temporary file and its rename, inside
-other run files — resumes every time from the newest complete checkpoint, never leaves a partial
-file under a final name, and ends with exactly the weights and metrics of a run never killed.
+"""docs/RELIABILITY.md F1 and F2: a training killed with SIGKILL again and again — at random
+moments from outside, inside checkpoint writes, between a complete temporary file and its rename,
+inside other run files — resumes every time from the newest complete checkpoint, never leaves a
+partial file under a final name, and ends with exactly the weights and metrics of a run never
+killed.
 
 The kill points are drawn from a seeded generator; a failure prints the seed, and
 IMGCLF_FAULT_SEED=<seed> replays the same sequence.

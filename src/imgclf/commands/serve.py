@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-DEFAULT_HOST = "127.0.0.1"  # loopback unless the user asks for more (BAD_INPUTS H7)
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the user asks for more (docs/RELIABILITY.md H7)
 console = Console()
 
 

@@ -2,7 +2,7 @@
 
 Nothing here decodes an image; `scan` does that. Discovery decides which files are candidates,
 which are ignored (junk, hidden, not an image extension), and which structural problems stop
-the scan (BAD_INPUTS rows 15–21, 26–28).
+the scan (docs/RELIABILITY.md rows 15–21, 26–28).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _walk(d: Discovery, folder: Path, rel: str, follow: str, seen: set[str]):
         return
     for it in items:
         r = f"{rel}/{it.name}" if rel else it.name
-        # Manifests and reports hold paths as text (BAD_INPUTS 31): a name that is not UTF-8
+        # Manifests and reports hold paths as text (RELIABILITY 31): a name that is not UTF-8
         # (or holds a carriage return) is recorded escaped and never read. Folders with such
         # names are never walked, so `rel` is always usable.
         shown, bad_name = printable(r), unusable_name(it.name)
@@ -213,7 +213,7 @@ def _inside(root: Path, p: Path) -> bool:
 
 
 def _check_collisions(d: Discovery, class_dirs: dict[str, list[str]]) -> None:
-    """Class names equal after case / space / Unicode folding are an error (BAD_INPUTS #26)."""
+    """Class names equal after case / space / Unicode folding are an error (RELIABILITY 26)."""
     by_key: dict[str, set[str]] = defaultdict(set)
     for folders in class_dirs.values():
         for folder in folders:
@@ -240,7 +240,7 @@ def _discover_csv(
     csv_path: Path, root: Path, labels: list[str] | None, follow: str = "inside"
 ) -> Discovery:
     d = Discovery(root=root, source="csv")
-    # utf-8-sig drops a byte-order mark written by Excel (BAD_INPUTS #27).
+    # utf-8-sig drops a byte-order mark written by Excel (RELIABILITY 27).
     text = csv_path.read_bytes().decode("utf-8-sig", errors="replace")
     rows = csv.reader(io.StringIO(text), delimiter="\t" if csv_path.suffix == ".tsv" else ",")
     header = [h.strip().lower() for h in next(rows, [])]
@@ -311,7 +311,7 @@ def _csv_problem(root: Path, path: str, label: str, split: str, allowed: set[str
 
 
 def _existing_rel(root: Path, path: str) -> str | None:
-    """The on-disk relative path, trying NFC and NFD spellings (BAD_INPUTS #15).
+    """The on-disk relative path, trying NFC and NFD spellings (RELIABILITY 15).
 
     Anything but a folder counts: a FIFO or socket is then skipped by scan, never opened.
     """
@@ -325,7 +325,7 @@ def _existing_rel(root: Path, path: str) -> str | None:
 
 
 def _link_problem(root: Path, rel: str, follow: str) -> str:
-    """Folder mode's symlink rule for a CSV row, on the resolved path (BAD_INPUTS 33): a link
+    """Folder mode's symlink rule for a CSV row, on the resolved path (RELIABILITY 33): a link
     (the file or a folder on its way) may not lead outside the resolved data root."""
     real = Path(os.path.realpath(root / rel))
     if follow == "all" or real == root / rel:  # the root is resolved: no link on the way

@@ -1,5 +1,6 @@
 """The one image loader: scan, training, prediction and serving all open images through here, so a
-file is accepted, normalised or skipped for the same reason everywhere (BAD_INPUTS.md rows 1-15)."""
+file is accepted, normalised or skipped for the same reason everywhere (docs/RELIABILITY.md rows
+1-15)."""
 
 from __future__ import annotations
 
@@ -248,7 +249,7 @@ def _binary(source: Source, name: str) -> Iterator[IO[bytes]]:
         from imgclf.io import NotRegularFile, open_regular
 
         try:
-            # A FIFO or device is refused from its stat alone, never opened (BAD_INPUTS 32).
+            # A FIFO or device is refused from its stat alone, never opened (RELIABILITY 32).
             fp = open_regular(source)
         except NotRegularFile as e:
             raise ImageLoadError(name, "not a regular file", e.kind) from e

@@ -175,7 +175,7 @@ def balanced_weights(targets: Sequence[int], num_classes: int) -> list[float]:
 
 
 def collate(batch: list) -> dict:
-    """Stack the good samples; report the bad ones instead of crashing (BAD_INPUTS F10)."""
+    """Stack the good samples; report the bad ones instead of crashing (docs/RELIABILITY.md F10)."""
     good = [b for b in batch if not isinstance(b, BadSample)]
     bad = [b for b in batch if isinstance(b, BadSample)]
     if not good:

@@ -30,13 +30,13 @@ FORMAT_VERSION = 1
 
 
 def natural_key(name: str) -> list[Any]:
-    """Sort key that puts class_2 before class_10 (BAD_INPUTS #24)."""
+    """Sort key that puts class_2 before class_10 (docs/RELIABILITY.md 24)."""
     parts = re.split(r"(\d+)", unicodedata.normalize("NFC", name))
     return [(0, int(p), p) if p.isdigit() else (1, p.casefold(), p) for p in parts if p != ""]
 
 
 def collision_key(name: str) -> str:
-    """Names that differ only by case, spaces or Unicode form share this key (BAD_INPUTS #26)."""
+    """Names that differ only by case, spaces or Unicode form share this key (RELIABILITY 26)."""
     return re.sub(r"[\s_\-]+", "", unicodedata.normalize("NFKC", name).casefold())
 
 

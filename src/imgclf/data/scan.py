@@ -1,9 +1,9 @@
 """`imgclf scan`: discovery + a full decode of every candidate in worker processes → Manifest.
 
 Each file is read once, hashed (sha256) and fully decoded, because a truncated JPEG passes
-`verify()` and fails only on decode (BAD_INPUTS #1). A re-scan reuses the previous manifest's
-rows for files whose (path, size, mtime) are unchanged, so a large unchanged folder re-scans in
-seconds.
+`verify()` and fails only on decode (docs/RELIABILITY.md 1). A re-scan reuses the previous
+manifest's rows for files whose (path, size, mtime) are unchanged, so a large unchanged folder
+re-scans in seconds.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def compute_splits(
     fr = validate_fractions(fractions)
     ok_idx = [i for i, e in enumerate(entries) if e.ok]
     sizes = Counter(entries[i].label for i in ok_idx)
-    # BAD_INPUTS #29: too few images to give every split one; keep them for training.
+    # docs/RELIABILITY.md 29: too few images to give every split one; keep them for training.
     small = sorted((lab for lab, n in sizes.items() if n < len(fr)), key=_class_key)
     small_set = set(small)
     groups = _groups(entries, ok_idx)

@@ -1,9 +1,9 @@
 """`imgclf evaluate`: score a run on its own split or a new labelled folder, into
 runs/<id>/evaluations/<name>/, never touching what training wrote.
 
-A new folder is read through the run's own label map (BAD_INPUTS 24-25): its class names must
-all be in the map (else an error naming them); map classes it lacks are a warning. Files that
-cannot be read get a row with their status, never a crash.
+A new folder is read through the run's own label map (docs/RELIABILITY.md 24-25): its class
+names must all be in the map (else an error naming them); map classes it lacks are a warning.
+Files that cannot be read get a row with their status, never a crash.
 """
 
 from __future__ import annotations

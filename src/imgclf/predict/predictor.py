@@ -117,7 +117,7 @@ class Predictor:
         """Files → probabilities; unreadable files are reported per index, never fatal.
 
         A name that is not valid UTF-8 (or holds a carriage return) is refused unread, as scan
-        refuses it (BAD_INPUTS 31).
+        refuses it (docs/RELIABILITY.md 31).
         """
         names = [str(p) for p in paths]
         errors = {i: why for i, name in enumerate(names) if (why := unusable_name(name))}
@@ -125,7 +125,7 @@ class Predictor:
             progress(len(errors))
         keep = [i for i in range(len(names)) if i not in errors]  # dataset index → path index
         size = self.preprocessing.input_size
-        # Scan's minimum side (BAD_INPUTS 12): what scan refused is refused here too.
+        # Scan's minimum side (RELIABILITY 12): what scan refused is refused here too.
         ds = PathsDataset(
             [names[i] for i in keep], self.transform(tta), size_hint=size, min_side=self.min_side
         )

@@ -3,7 +3,7 @@
 `checkpoints/last.pt` holds the full training state (model, optimizer, schedule, position,
 RNG states, history); weights for prediction live in safetensors. A checkpoint that is
 truncated, corrupt, of another architecture, or a pickle that would run code is refused with
-the file named, and nothing in it executes (BAD_INPUTS F4).
+the file named, and nothing in it executes (docs/RELIABILITY.md F4).
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ class RunDir:
 
     @classmethod
     def create(cls, runs_dir: Path, run_id: str) -> RunDir:
-        """Make the folder exclusively: two trainings can never share one (BAD_INPUTS F8)."""
+        """Make the folder exclusively: two trainings can never share one
+        (docs/RELIABILITY.md F8)."""
         path = Path(runs_dir) / run_id
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

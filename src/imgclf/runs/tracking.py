@@ -8,8 +8,8 @@ failure is a warning and the run folder stays complete.
 
 The default store is SQLite beside the runs (`<runs_dir>/mlflow.db`, artefacts in
 `<runs_dir>/mlartifacts/`). MLflow creates a fresh SQLite store's schema on first connection,
-and two processes doing that at once collide (BAD_INPUTS F8), so every use of a SQLite store
-here holds an exclusive `flock` on `.<db name>.lock` beside it: schema creation and each
+and two processes doing that at once collide (docs/RELIABILITY.md F8), so every use of a SQLite
+store here holds an exclusive `flock` on `.<db name>.lock` beside it: schema creation and each
 mirror are serialised across processes, and "database is locked" from other writers is retried.
 """
 

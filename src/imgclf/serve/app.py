@@ -171,7 +171,7 @@ def _add_predict(
     app: FastAPI, backend: Backend, limits: Limits, gate: Gate, uploads: Uploads
 ) -> None:
     """POST /predict and /predict/batch: read (bounded apart), sniff, then admit (or 503) and
-    infer on the pool. A slow body never holds an admission ticket (BAD_INPUTS H8)."""
+    infer on the pool. A slow body never holds an admission ticket (docs/RELIABILITY.md H8)."""
 
     async def infer(blobs: list[bytes]) -> list:
         with _admitted(gate):

@@ -34,7 +34,8 @@ class Backend(Protocol):
 
     def prepare(self, image: Image.Image) -> Any:
         """One decoded RGB image → what `predict_prepared` needs of it (the model's input, a
-        few hundred KiB), so that the decoded image can be dropped at once (BAD_INPUTS H9)."""
+        few hundred KiB), so that the decoded image can be dropped at once
+        (docs/RELIABILITY.md H9)."""
         ...
 
     def predict_prepared(self, inputs: Sequence[Any]) -> np.ndarray:

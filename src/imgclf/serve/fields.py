@@ -1,6 +1,7 @@
-"""What a request's JSON body and form fields may hold (BAD_INPUTS H10): anything else is a 422
-with a JSON error, never a 500 — NaN and Infinity, numbers past float range (1e400), integers
-of thousands of digits, arrays nested a million deep, bytes that are not UTF-8, wrong types."""
+"""What a request's JSON body and form fields may hold (docs/RELIABILITY.md H10): anything else
+is a 422 with a JSON error, never a 500 — NaN and Infinity, numbers past float range (1e400),
+integers of thousands of digits, arrays nested a million deep, bytes that are not UTF-8, wrong
+types."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from imgclf.serve.limits import HTTPProblem
 
 
 def parse_json(body: bytes) -> Any:
-    """A request's JSON; 422 for anything Python's parser refuses (BAD_INPUTS H10)."""
+    """A request's JSON; 422 for anything Python's parser refuses (RELIABILITY H10)."""
     try:
         return json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:  # "[" nested a million deep: the C parser stops at the limit

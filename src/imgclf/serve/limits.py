@@ -1,4 +1,4 @@
-"""What the server refuses, and how early (BAD_INPUTS.md H1-H10).
+"""What the server refuses, and how early (docs/RELIABILITY.md H1-H10).
 
 Uploads are untrusted. The body is counted while it streams in and refused at the size cap
 (Content-Length is checked before a single body byte is read); it is parsed in memory and never

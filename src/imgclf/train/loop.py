@@ -27,7 +27,7 @@ class Diverged(ImgclfError):
 @contextmanager
 def worker_deaths() -> Iterator[None]:
     """A DataLoader worker killed mid-epoch (most often by the kernel's out-of-memory killer)
-    surfaces as torch's RuntimeError; say what it means and what to do (BAD_INPUTS F10)."""
+    surfaces as torch's RuntimeError; say what it means and what to do (docs/RELIABILITY.md F10)."""
     try:
         yield
     except RuntimeError as e:

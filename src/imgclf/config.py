@@ -15,13 +15,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from imgclf.errors import ImgclfError
+from imgclf.metric_names import check_epoch_metric
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# A metric a run watches: one of the names training measures every epoch (metric_names.py),
+# checked when the config loads, with the nearest name.
+EpochMetric = Annotated[str, AfterValidator(check_epoch_metric)]
 
 
 class SplitConfig(_Strict):
@@ -147,7 +161,7 @@ class CyclicSchedule(_Strict):
 
 
 class PlateauSchedule(_Strict):
-    metric: str = "val_loss"
+    metric: EpochMetric = "val_loss"
     factor: float = Field(0.1, gt=0, lt=1)
     patience: int = Field(2, ge=0)
     min_lr: float = Field(0.0, ge=0)
@@ -224,7 +238,7 @@ class AugmentConfig(_Strict):
 
 
 class EarlyStopping(_Strict):
-    metric: str = "val_loss"
+    metric: EpochMetric = "val_loss"
     patience: int | None = Field(None, ge=1, description="None: never stop early")
     min_delta: float = Field(0.0, ge=0)
 
@@ -247,7 +261,7 @@ class TrainConfig(_Strict):
     accumulate: int = Field(1, ge=1)
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
     early_stopping: EarlyStopping = EarlyStopping()
-    best_metric: str = Field("val_accuracy", description="chooses the saved best epoch")
+    best_metric: EpochMetric = Field("val_accuracy", description="chooses the saved best epoch")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     channels_last: bool | None = Field(None, description="None: on for GPU")
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from imgclf.errors import ImgclfError
+from imgclf.metric_names import lower_is_better
 from imgclf.runs.owner import owner_gone
 
 # The same names as runs/record.py, which imports torch (kept out of this fast path).
@@ -39,7 +40,6 @@ TRACKING_ENTRIES = frozenset(
     {"mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlartifacts", "sweeps"}
 )
 FORMATS = ("table", "csv", "markdown", "html", "json")
-LOWER_IS_BETTER = ("loss", "ece")
 # The terminal default fits about 120 columns; `--wide` shows WIDE_COLUMNS, `--columns` any.
 TABLE_COLUMNS = ("id", "status", "model", "data", "val_accuracy", "test_accuracy")
 WIDE_COLUMNS = (
@@ -316,10 +316,6 @@ def column_names(rows: Iterable[dict[str, Any]]) -> list[str]:
         seen.update(dict.fromkeys(row))
     tail = [c for c in _TAIL if c in seen]
     return [c for c in seen if c not in _TAIL] + tail
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in LOWER_IS_BETTER)
 
 
 def sort_rows(

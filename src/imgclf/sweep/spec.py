@@ -8,7 +8,6 @@ only the resolved base config knows which keys (and list indices) exist.
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from pathlib import Path
@@ -19,10 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imgclf.config import explain
 from imgclf.errors import ImgclfError
+from imgclf.metric_names import check_epoch_metric, lower_is_better
 
 METHODS = ("grid", "list", "random", "optuna")
-# What `train()` reports per epoch (val_top5 only with more than 5 classes).
-METRICS = ("val_accuracy", "val_loss", "val_top5", "train_accuracy", "train_loss")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _KEY = re.compile(r"^[A-Za-z_]\w*(\.\w+)*$")
 
@@ -161,11 +159,7 @@ class SweepConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        if v not in METRICS:
-            near = difflib.get_close_matches(v, METRICS, n=1)
-            hint = f"did you mean {near[0]}? " if near else ""
-            raise ValueError(f"unknown metric {v!r}; {hint}(choose from {', '.join(METRICS)})")
-        return v
+        return check_epoch_metric(v)
 
     @model_validator(mode="after")
     def _fits_the_method(self) -> SweepConfig:
@@ -211,7 +205,7 @@ class SweepConfig(_Strict):
     def maximize(self) -> bool:
         if self.direction != "auto":
             return self.direction == "maximize"
-        return not ("loss" in self.metric or "error" in self.metric)
+        return not lower_is_better(self.metric)
 
 
 def load_sweep(path: str | Path) -> SweepConfig:

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from imgclf.config import StageConfig, TrainConfig
+from imgclf.metric_names import lower_is_better
 from imgclf.models import (
     apply_trainable,
     count_parameters,
@@ -336,8 +337,8 @@ def _end_epoch(
 
 
 def metric_mode(name: str) -> str:
-    """Losses and errors are minimised; everything else maximised."""
-    return "min" if ("loss" in name or "error" in name) else "max"
+    """min or max: the metric's direction in the vocabulary (imgclf.metric_names)."""
+    return "min" if lower_is_better(name) else "max"
 
 
 def _better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:

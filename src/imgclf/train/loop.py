@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgclf.errors import ImgclfError
+from imgclf.evaluate.metrics import top_k_hits
+from imgclf.metric_names import TOP5_CLASSES
 
 
 class Diverged(ImgclfError):
@@ -229,7 +231,7 @@ def classification_metrics(probs: torch.Tensor, targets: torch.Tensor, prefix: s
         f"{prefix}_loss": F.nll_loss(logp, targets).item(),
         f"{prefix}_accuracy": (probs.argmax(1) == targets).float().mean().item(),
     }
-    if probs.shape[1] > 5:
-        top5 = probs.topk(5, dim=1).indices
-        out[f"{prefix}_top5"] = (top5 == targets[:, None]).any(1).float().mean().item()
+    if probs.shape[1] > TOP5_CLASSES:  # the same hits as evaluation's top_5_accuracy
+        hits = top_k_hits(probs.detach().cpu().numpy(), targets.cpu().numpy(), 5)
+        out[f"{prefix}_top5"] = torch.from_numpy(hits).float().mean().item()
     return out

@@ -32,6 +32,7 @@ import torch
 
 from imgclf.config import CyclicSchedule, StageConfig
 from imgclf.errors import ImgclfError
+from imgclf.metric_names import lower_is_better
 
 WARMUP_KINDS = ("constant", "step", "cosine", "plateau")
 # torch OneCycleLR defaults, kept so a onecycle stage means what the torch docs say.
@@ -228,7 +229,7 @@ class Schedule:
                 f"{sorted(metrics) or 'empty'}; set stage.plateau.metric to one of them"
             )
         value = float(metrics[cfg.metric])
-        minimize = "loss" in cfg.metric
+        minimize = lower_is_better(cfg.metric)
         if self.best is None:
             better = not math.isnan(value)
         elif minimize:
@@ -290,7 +291,7 @@ def lr_curve(stage: StageConfig, steps_per_epoch: int, base_lr: float | None = N
         stage = stage.model_copy(update={"lr": float(base_lr)})
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=stage.lr)
     schedule = Schedule(optimizer, stage, steps_per_epoch)
-    sign = -1.0 if "loss" in stage.plateau.metric else 1.0
+    sign = -1.0 if lower_is_better(stage.plateau.metric) else 1.0
     lrs = []
     for epoch in range(stage.epochs):
         for _ in range(steps_per_epoch):

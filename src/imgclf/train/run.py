@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from imgclf.config import RunConfig, dump_yaml, resolve, validate
+from imgclf.config import RunConfig, TrainConfig, dump_yaml, resolve, validate
 from imgclf.data.loaders import resolve_workers
 from imgclf.data.manifest import Manifest
 from imgclf.data.pipeline import build_loaders
@@ -25,6 +25,7 @@ from imgclf.data.prepare import prepare
 from imgclf.data.transforms import resolve_augment
 from imgclf.errors import ImgclfError
 from imgclf.io import remove_temps
+from imgclf.metric_names import unmeasured
 from imgclf.models import build_model, count_parameters, model_size_mb
 from imgclf.runs.checkpoint import CHECKPOINT, load_checkpoint, load_state_strict, load_weights
 from imgclf.runs.record import (
@@ -85,6 +86,7 @@ def train(
     # After the data (rank 0 alone scans): every rank's generators start from the same point.
     seed_everything(cfg.seed + world.rank)
     labels = list(manifest.labels.names)
+    check_watched_metrics(cfg.train, len(labels))
     model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
     warm = None
     if cfg.model.init_from:  # said once: a resumed run has it in its log and summary already
@@ -128,6 +130,20 @@ def train(
 
 def _silent(*_args, **_kwargs) -> None:
     return None
+
+
+def check_watched_metrics(t: TrainConfig, num_classes: int) -> None:
+    """A metric the run watches but will not measure (val_top5 with 5 classes or fewer) fails
+    before the first epoch, not after it."""
+    watched = {"train.best_metric": t.best_metric}
+    if t.early_stopping.patience is not None:
+        watched["train.early_stopping.metric"] = t.early_stopping.metric
+    for i, stage in enumerate(t.stages):
+        if stage.schedule == "plateau":
+            watched[f"train.stages.{i}.plateau.metric"] = stage.plateau.metric
+    for key, name in watched.items():
+        if why := unmeasured(name, num_classes):
+            raise ImgclfError(f"{key}={name}: {why}; watch val_accuracy or val_loss instead")
 
 
 def _prepare_data(cfg: RunConfig, fabric, progress: bool):

@@ -98,7 +98,7 @@ def test_grid_with_two_worker_processes_runs_each_point_once(tmp_path, manifest)
         assert t.params == {"model.head.pool": head["pool"], "model.head.hidden": hidden}
         seen.add((head["pool"], tuple(head["hidden"])))
     assert seen == {("avg", ()), ("avg", (8,)), ("max", ()), ("max", (8,))}
-    assert "trials" in r.stdout and "sweep-report heads" in r.stdout
+    assert "trials" in r.stdout and "report --sweep heads" in r.stdout
     os.chdir(tmp_path)  # the sweep file's runs_dir is relative, as the CLI saw it
     run_sweep(spec, workers=1, log=quiet)  # a re-run continues: nothing left to do
     assert len(open_study("heads", tmp_path / "runs").get_trials()) == 4
@@ -117,6 +117,15 @@ def test_grid_with_two_worker_processes_runs_each_point_once(tmp_path, manifest)
         timeout=120,
     )
     assert r.returncode == 0 and "sweeps/heads/report.html" in r.stdout, r.stderr
+    # One door: `sweep-report` is an alias of `report --sweep` that says where to go.
+    alias = subprocess.run(
+        [*cli, "sweep-report", "heads", "--runs", "runs"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert alias.returncode == 0 and alias.stdout == r.stdout, alias.stderr
+    assert "use: imgclf report --sweep heads" in alias.stderr
     r = subprocess.run(
         [*cli, "leaderboard", "--sweep", "heads", "-f", "json"],
         capture_output=True,

@@ -1,5 +1,6 @@
 """Commands by area. Each module defines `register(app)` adding its commands to the typer app;
-modules import only typer at import time (heavy imports live inside the commands)."""
+modules import only typer and rich at import time (heavy imports live inside the commands).
+Helpers that several areas share live in `_common`; `AREAS` orders `imgclf --help`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import importlib
 
 import typer
 
-AREAS = ("evaluate", "leaderboard", "predict", "serve", "sweep", "doctor", "bench")
+AREAS = (
+    "data",
+    "train",
+    "models",
+    "demo",
+    "evaluate",
+    "leaderboard",
+    "predict",
+    "serve",
+    "sweep",
+    "doctor",
+    "bench",
+)
 
 
 def register_all(app: typer.Typer) -> None:

@@ -20,10 +20,10 @@ AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
 
 def _config(config, overrides):
-    from imgclf.cli import _split_config_arg
+    from imgclf.commands._common import split_config_arg
     from imgclf.config import load_config
 
-    config, overrides = _split_config_arg(config, overrides)
+    config, overrides = split_config_arg(config, overrides)
     if config is not None and config.is_dir():  # `imgclf bench loader DATA`: a folder of images
         config, overrides = None, [f"data.root={config}", *overrides]
     return load_config(config, overrides)

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from imgclf.commands._common import console
+
 SUMMARY_KEYS = ["accuracy", "top_3_accuracy", "top_5_accuracy", "balanced_accuracy", "f1_macro"]
 SUMMARY_KEYS += ["recall_weighted", "log_loss", "ece"]
 
@@ -30,7 +32,6 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Metrics, confusion, calibration and error analysis into RUN/evaluations/<name>/."""
-    from imgclf.cli import console
     from imgclf.evaluate.evaluate import evaluate_run
 
     result = evaluate_run(run, split, data, tta, name, batch_size, workers, progress)
@@ -50,17 +51,23 @@ def report(
     ] = None,
     sweep: Annotated[str | None, typer.Option(help="the report of this sweep instead")] = None,
     runs_dir: Annotated[Path, typer.Option(help="runs folder of --sweep")] = Path("runs"),
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            envvar="IMGCLF_SWEEP_STORAGE", help="storage URL of --sweep (default: sweep.json's)"
+        ),
+    ] = None,
 ) -> None:
     """One self-contained HTML page per run (evaluating it first if needed); a comparison page
     for several runs."""
-    from imgclf.cli import console
     from imgclf.errors import ImgclfError
     from imgclf.evaluate.report import compare_runs, write_report
 
     if sweep:
         from imgclf.sweep.report import write_sweep_report
 
-        console.print(f"sweep report: {write_sweep_report(sweep, runs_dir)}", soft_wrap=True)
+        path = write_sweep_report(sweep, runs_dir, storage)
+        console.print(f"sweep report: {path}", soft_wrap=True)
         return
     if not runs:
         raise ImgclfError("name one or more run folders, or --sweep ID")

@@ -1,4 +1,4 @@
-"""`imgclf` commands for the leaderboard area: `leaderboard`, `ui`, `mirror`, `data preview`."""
+"""`imgclf` commands for the leaderboard area: `leaderboard`, `ui`, `mirror`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
-data_app = typer.Typer(no_args_is_help=True, help="Look at a manifest's images.")
 
 
 def _warn(message: str) -> None:
@@ -103,100 +102,8 @@ def mirror(
     console.print(f"mirrored {len(runs_paths)} runs", highlight=False)
 
 
-def preview(
-    manifest: Annotated[Path, typer.Argument(help="manifest folder written by `imgclf scan`")],
-    overrides: Annotated[
-        list[str] | None,
-        typer.Argument(help="key=value overrides of the run config (train.augment.*, mixup…)"),
-    ] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option(
-            "--config",
-            "-c",
-            help="run config YAML, or a run folder (its config.yaml): its train.augment, "
-            "MixUp and CutMix",
-        ),
-    ] = None,
-    per_class: Annotated[int, typer.Option(min=1, max=64, help="samples per class")] = 6,
-    augment: Annotated[
-        Literal["none", "light", "default", "strong"] | None,
-        typer.Option(help="augmentation preset (default: the config's, else default)"),
-    ] = None,
-    size: Annotated[int, typer.Option(min=8, max=1024, help="tile side in pixels")] = 96,
-    split: Annotated[str | None, typer.Option(help="take samples from this split")] = None,
-    seed: Annotated[int, typer.Option(help="which samples and which augmentations")] = 0,
-    out: Annotated[Path, typer.Option("-o", "--out", help="PNG file")] = Path("preview.png"),
-) -> None:
-    """Contact sheet: N samples per class, raw beside augmented, to tune augmentation by eye.
-
-    With --config (or key=value overrides) the run config's own augmentation is drawn, and its
-    MixUp / CutMix in a third block."""
-    from imgclf.data.preview import contact_sheet
-
-    if config is None and not overrides:
-        sheet = contact_sheet(
-            manifest,
-            per_class=per_class,
-            preset=augment or "default",
-            size=size,
-            split=split,
-            seed=seed,
-            out=out,
-        )
-    else:
-        sheet = _preview_config(manifest, config, overrides or [], augment, per_class, size,
-                                split, seed, out)  # fmt: skip
-    mixed = " (+ MixUp / CutMix)" if sheet.mixed else ""
-    console.print(
-        f"{sheet.classes} classes × {sheet.per_class} samples{mixed} → {out}", highlight=False
-    )
-
-
-def _preview_config(manifest, config, overrides, augment, per_class, size, split, seed, out):
-    """A contact sheet of a run config's augmentation (and its batch mixer)."""
-    from imgclf.config import load_config
-    from imgclf.data.manifest import read_manifest
-    from imgclf.data.preview import contact_sheet
-    from imgclf.errors import ImgclfError
-    from imgclf.train.losses import batch_mixer
-
-    if config is not None and config.is_dir():
-        if not (config / "config.yaml").is_file():
-            raise ImgclfError(f"{config} is a folder without config.yaml: give a run folder or a "
-                              "run config YAML")  # fmt: skip
-        config = config / "config.yaml"
-    preset = [f"train.augment.preset={augment}"] if augment else []
-    cfg = load_config(config, [*preset, *overrides])
-    train = cfg.train
-    mixer = batch_mixer(train, len(read_manifest(manifest).labels))
-    parts = [
-        f"mixup {train.mixup:g}" if train.mixup else "",
-        f"cutmix {train.cutmix:g}" if train.cutmix else "",
-    ]
-    name = (
-        config.parent.name
-        if config and config.name == "config.yaml"
-        else (config.name if config else "overrides")
-    )
-    return contact_sheet(
-        manifest,
-        per_class=per_class,
-        size=size,
-        split=split,
-        seed=seed,
-        out=out,
-        augment=train.augment,
-        title=f"{name} ({train.augment.preset} preset + its overrides)",
-        mixer=mixer,
-        mix_title=f"mixed: {' / '.join(p for p in parts if p)} (with the class above)",
-    )
-
-
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
     app.command()(leaderboard)
     app.command()(ui)
     app.command()(mirror)
-    data_app.command()(preview)
-    app.add_typer(data_app, name="data")

@@ -1,5 +1,5 @@
 """`imgclf sweep` (grid / list / random / Optuna studies, local and distributed workers) and
-`imgclf sweep-report`."""
+`imgclf sweep-report`, a deprecated alias of `imgclf report --sweep ID` (the one door)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def sweep(
     failed = sum(s == {"FAIL"} for s in states.values())
     console.print(
         f"study {result.id} in {result.display_url}; "
-        f"report: imgclf sweep-report {result.id} --runs {result.runs_dir}"
+        f"report: imgclf report --sweep {result.id} --runs-dir {result.runs_dir}"
         + (f"; {failed} failed: add --retry-failed to run them again" if failed else ""),
         markup=False,
         highlight=False,
@@ -97,11 +97,18 @@ def sweep_report(
         typer.Option(envvar="IMGCLF_SWEEP_STORAGE", help="storage URL (default: sweep.json's)"),
     ] = None,
 ) -> None:
-    """Write a sweep's HTML report (best trial, metric per parameter, importances)."""
-    from imgclf.sweep.report import write_sweep_report
+    """Alias of `imgclf report --sweep ID` (a sweep's HTML report): use that instead."""
+    from imgclf.commands._common import err_console
+    from imgclf.commands.evaluate import report
 
-    path = write_sweep_report(sweep_id, runs, storage)
-    console.print(f"report: {path}", markup=False, highlight=False)
+    where = f" --runs-dir {runs}" if runs != Path("runs") else ""
+    err_console.print(
+        f"sweep-report is an alias; use: imgclf report --sweep {sweep_id}{where}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    report(runs=None, out=None, sweep=sweep_id, runs_dir=runs, storage=storage)
 
 
 def print_trials(rows: list[dict], metric: str) -> None:
@@ -144,4 +151,4 @@ def _fmt(value) -> str:
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the app."""
     app.command("sweep")(sweep)
-    app.command("sweep-report")(sweep_report)
+    app.command("sweep-report", deprecated=True)(sweep_report)

@@ -61,7 +61,7 @@ def open_study(sweep_id: str, runs_dir: str | Path = "runs", storage: str | None
         if not (sweep_folder(runs_dir, sweep_id) / "study.db").is_file():
             raise ImgclfError(
                 f"no sweep {sweep_id} under {Path(runs_dir) / SWEEPS_DIR}; "
-                "run `imgclf sweep FILE` first, or pass --runs / --storage"
+                "run `imgclf sweep FILE` first, or pass --runs-dir / --storage"
             )
         storage = default_storage(runs_dir, sweep_id)
     try:

@@ -164,7 +164,7 @@ def test_one_resampling_matches_torchvision_crop_flip_affine_step_by_step(seed):
     geometry = AugmentConfig(
         preset="strong", hflip=0.5, vflip=0.5, fill="white", color_jitter=0, noise=0, erasing=0
     )
-    batch = BatchAugment(resolve_augment(geometry), size, (0, 0, 0), (1, 1, 1))
+    batch = BatchAugment(resolve_augment(geometry), size, (0, 0, 0), (1, 1, 1), "bilinear")
     square = _smooth_square(side)
     p = batch.sample_params(torch.arange(n) + 100 * seed, side)
     assert p.hflip.any() and p.vflip.any() and (p.angle.abs() > 5).any()

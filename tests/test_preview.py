@@ -69,7 +69,7 @@ def test_sheet_layout_raw_view_and_augmentation(manifest, tmp_path):
     m = read_manifest(manifest)
     picked = pick_samples(m, 3, seed=1)
     assert list(picked) == list(CLASSES) and all(len(v) == 3 for v in picked.values())
-    raw_tf = eval_transform(32, (0.5,) * 3, (0.5,) * 3, crop_pct=1.0)
+    raw_tf = eval_transform(32, (0.5,) * 3, (0.5,) * 3, "bilinear", crop_pct=1.0)
     grid = tiles(im.convert("RGB"), 3, 3, 32)
     for r, entries in enumerate(picked.values()):
         for c, entry in enumerate(entries):

@@ -277,7 +277,7 @@ def test_tensor_affine_draws_as_random_affine_and_matches_torchvisions_kernel(fi
     from imgclf.data.transforms import TensorAffine
 
     x = torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(1))
-    affine = TensorAffine(20.0, 0.1, 10.0, fill)
+    affine = TensorAffine(20.0, 0.1, 10.0, fill, "bilinear")
     reference = v2.RandomAffine(degrees=20.0, translate=(0.1, 0.1), shear=(-10, 10, -10, 10))
     for seed in range(4):
         torch.manual_seed(seed)
@@ -299,7 +299,7 @@ def test_crop_flip_draws_and_resamples_as_torchvisions_three_transforms():
     from imgclf.data.transforms import CropFlip
 
     img = _noise_image(300, 200).filter(ImageFilter.GaussianBlur(2))
-    ours = CropFlip(48, (0.25, 1.0), hflip=0.5, vflip=0.5)
+    ours = CropFlip(48, (0.25, 1.0), hflip=0.5, vflip=0.5, interpolation="bilinear")
     reference = v2.Compose(
         [
             v2.RandomResizedCrop(48, scale=(0.25, 1.0), antialias=True),

@@ -41,11 +41,10 @@ import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
 
 from imgclf.config import AugmentConfig
-from imgclf.data.cache import CacheSpec, center_anchor, square_pixels
+from imgclf.data.cache import CacheSpec, square_pixels
 from imgclf.data.preview import _font, _text_width, to_pil
 from imgclf.data.transforms import (
     _fill,
-    _interpolation,
     affine_theta,
     apply_colour_steps,
     colour_steps,
@@ -53,6 +52,7 @@ from imgclf.data.transforms import (
     train_transform,
 )
 from imgclf.errors import ImgclfError
+from imgclf.geometry import Preprocessing, center_anchor, unpack
 from imgclf.io import atomic_write_bytes
 
 # Columns of a sample's table of uniforms: a fixed layout, so no draw shifts another.
@@ -98,15 +98,18 @@ class BatchAugment:
     def __init__(
         self,
         augment: Mapping[str, Any],
-        size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        interpolation: str = "bilinear",
+        size: int | Preprocessing,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
         fill: str | None = None,
         channels_last: bool = False,
     ) -> None:
-        _interpolation(interpolation)  # the same names and error as the CPU transforms
-        self.r, self.size, self.mode = dict(augment), int(size), interpolation
+        # `size` may be the model's Preprocessing; the same names and errors as the CPU transforms
+        size, mean, std, interpolation, _ = unpack(size, mean, std, interpolation)
+        if mean is None or std is None:
+            raise ImgclfError("batch augmentation needs mean and std (or a Preprocessing)")
+        self.r, self.size, self.mode = dict(augment), size, interpolation
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.fill = [
             float(v) for v in np.broadcast_to(_fill(fill or self.r.get("fill", "black"), mean), 3)
@@ -334,13 +337,14 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def eval_square(
-    image: Image.Image, size: int, crop_pct: float = 0.875, interpolation: str = "bilinear"
+    image: Image.Image,
+    size: int | Preprocessing,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> torch.Tensor:
     """The uint8 square [S, S, 3] the image cache stores for `image` (`cache.square_pixels`):
-    its centre `size` crop is exactly the eval transform's crop."""
-    if not 0 < crop_pct <= 1:
-        raise ImgclfError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    _interpolation(interpolation)  # the named error for an unknown mode
+    its centre `size` crop is exactly the eval transform's crop. `size` may be a Preprocessing."""
+    size, _, _, interpolation, crop_pct = unpack(size, None, None, interpolation, crop_pct)
     spec = CacheSpec(size=size, crop_pct=crop_pct, interpolation=interpolation)
     return torch.from_numpy(square_pixels(image.convert("RGB"), spec).copy())
 
@@ -381,12 +385,13 @@ def compare_sheet(
     size: int,
     path: str | Path,
     seed: int = 0,
-    interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
 ) -> Path:
     """`contact_sheet` for PIL images: train_transform (seeded per image) above BatchAugment."""
     mean = std = (0.5, 0.5, 0.5)
     seeds = torch.arange(len(images), dtype=torch.long) + seed * 1_000_003
+    size, _, _, interpolation, crop_pct = unpack(size, None, None, interpolation, crop_pct)
     cpu_tf = train_transform(aug, size, mean, std, interpolation, crop_pct)
     cpu = []
     for image, s in zip(images, seeds.tolist(), strict=True):

@@ -3,7 +3,8 @@
 Each image goes through `load_image` (every bad-input rule applies; large JPEGs use the
 reduced-size decode), its SHORTER side is resized to `stored = round(size / crop_pct)` pixels
 exactly as the eval transform resizes (Pillow, antialiased, torchvision's output size), and a
-`stored × stored` square is cut from it and kept as uint8 HWC.
+`stored × stored` square is cut from it and kept as uint8 HWC (the arithmetic is
+`imgclf.geometry`'s, shared with the eval transform and the ONNX preprocessing).
 
 Aspect ratio: the square is the central part of the image along its long side. Training crops
 and flips come from that square only, so the outer parts of wide or tall images (beyond the
@@ -38,17 +39,24 @@ from PIL import Image
 
 from imgclf.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from imgclf.errors import ImgclfError
+from imgclf.geometry import (
+    DEFAULT_CROP_PCT,
+    DEFAULT_INTERPOLATION,
+    Preprocessing,
+    center_anchor,
+    check_crop_pct,
+    check_interpolation,
+    resize_short,
+    resize_side,
+    stored_square_box,
+    unpack,
+)
 
 CACHE_FORMAT = 1
 IMAGES_FILE = "images.u8"
 META_FILE = "meta.json"
 MODES = ("auto", "memory", "disk")
 _MEMORY_CAP = 16 * 2**30
-_RESAMPLE = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
 Log = Callable[[str], None]
 
 
@@ -57,20 +65,15 @@ class CacheSpec:
     """What the cached pixels depend on, besides the images themselves."""
 
     size: int
-    crop_pct: float = 0.875
-    interpolation: str = "bilinear"
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: str = DEFAULT_INTERPOLATION
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     size_hint: int | None = None  # None: `stored`, so the reduced decode never needs upscaling
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _RESAMPLE:
-            choices = ", ".join(_RESAMPLE)
-            raise ImgclfError(
-                f"unknown interpolation {self.interpolation!r}; choose one of {choices}"
-            )
-        if not 0 < self.crop_pct <= 1:
-            raise ImgclfError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        check_interpolation(self.interpolation)
+        check_crop_pct(self.crop_pct)
         if self.size < 1:
             raise ImgclfError(f"image size must be at least 1, got {self.size}")
 
@@ -112,7 +115,7 @@ class CachedImages:
 
 def stored_size(size: int, crop_pct: float) -> int:
     """The short side the eval transform resizes to: round(size / crop_pct)."""
-    return round(size / crop_pct)
+    return resize_side(size, crop_pct)
 
 
 def estimate_bytes(n: int, stored: int) -> int:
@@ -154,20 +157,9 @@ def cache_key(rel_paths: Sequence[str], data_version: str, spec: CacheSpec) -> s
 
 def square_pixels(image: Image.Image, spec: CacheSpec) -> np.ndarray:
     """Resize the short side to `stored` as the eval transform does; the stored square, HWC."""
-    stored, w, h = spec.stored, *image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(stored * long / short)  # torchvision's own expression: the same truncation
-    new_w, new_h = (stored, new_long) if w <= h else (new_long, stored)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), resample=_RESAMPLE[spec.interpolation])
-    left = center_anchor(new_w, spec.size) - center_anchor(stored, spec.size)
-    top = center_anchor(new_h, spec.size) - center_anchor(stored, spec.size)
-    return np.asarray(image.crop((left, top, left + stored, top + stored)), dtype=np.uint8)
-
-
-def center_anchor(length: int, crop: int) -> int:
-    """Where a center crop of `crop` starts in `length`."""
-    return round((length - crop) / 2.0)  # torchvision's CenterCrop anchor (round half to even)
+    image = resize_short(image, spec.stored, spec.interpolation)
+    box = stored_square_box(*image.size, spec.size, spec.stored)
+    return np.asarray(image.crop(box), dtype=np.uint8)
 
 
 class ImageCache:
@@ -182,9 +174,9 @@ class ImageCache:
         rel_paths: Sequence[str],
         *,
         data_version: str,
-        size: int,
-        crop_pct: float = 0.875,
-        interpolation: str = "bilinear",
+        size: int | Preprocessing,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = DEFAULT_MIN_SIDE,
         size_hint: int | None = None,
@@ -196,11 +188,14 @@ class ImageCache:
     ) -> CachedImages:
         """The entry for these images and settings, decoding them only when none is cached.
 
+        `size` may be the model's `Preprocessing` (its input size, crop_pct and interpolation);
+        crop_pct and interpolation left None are the defaults of `imgclf.geometry`.
         mode "auto" keeps the images in RAM when they fit `memory_budget_bytes` (default:
         `default_memory_budget()`), else memory-maps the file; "memory" also writes the entry.
         workers: decode processes; 0 (or 1) decodes in this process, None = one per core (in
         this process below 64 images).
         """
+        size, _, _, interpolation, crop_pct = unpack(size, None, None, interpolation, crop_pct)
         spec = CacheSpec(size, crop_pct, interpolation, max_pixels, min_side, size_hint)
         if mode not in MODES:
             raise ImgclfError(f"unknown image cache mode {mode!r}; choose one of {MODES}")

@@ -149,9 +149,7 @@ def open_caches(cfg, manifest, datasets, pre, *, log, progress: bool) -> list:
             manifest.root,
             ds.rel_paths,
             data_version=manifest.data_hash(),
-            size=pre.input_size,
-            crop_pct=pre.crop_pct,
-            interpolation=pre.interpolation,
+            size=pre,  # input size, crop_pct and interpolation
             max_pixels=cfg.data.scan.max_pixels,
             min_side=cfg.data.scan.min_side,
             # The loaders' and the Predictor's reduced-size JPEG decode: the same pixels.

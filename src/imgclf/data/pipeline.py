@@ -41,8 +41,9 @@ def build_loaders(
     augmented on the device (`data/cached_loader.py`).
     """
     size, t = pre.input_size, cfg.train
-    train_tf = train_transform(t.augment, size, pre.mean, pre.std, pre.interpolation)
-    eval_tf = eval_transform(size, pre.mean, pre.std, pre.interpolation, pre.crop_pct)
+    # The model's whole preprocessing: the preset "none" train crop is the eval crop (crop_pct).
+    train_tf = train_transform(t.augment, pre)
+    eval_tf = eval_transform(pre)
     common = {
         "size_hint": size,
         "max_pixels": cfg.data.scan.max_pixels,
@@ -76,8 +77,7 @@ def build_loaders(
             cfg, manifest, [train_ds, val_ds], pre, log=log, progress=progress
         )
         placement = place([train_cache, val_cache], cfg.data.cache_device, device, log)
-        augment = BatchAugment(resolve_augment(t.augment), size, pre.mean, pre.std,
-                               pre.interpolation)  # fmt: skip
+        augment = BatchAugment(resolve_augment(t.augment), pre)
         batches = {"augment": augment, "device": device, "channels_last": channels_last,
                    "placement": placement}  # fmt: skip
         train_loader = CachedBatches(

@@ -92,8 +92,9 @@ def contact_sheet(
         title = title or preset
     aug = augment
     picked = pick_samples(manifest, per_class, split, seed)
-    raw_tf = eval_transform(size, _MEAN, _STD, crop_pct=1.0)
-    aug_tf = train_transform(aug, size, _MEAN, _STD, crop_pct=1.0)  # preset none = the raw view
+    # No model here: bilinear, the whole image (crop_pct 1), as the sheet has always been drawn.
+    raw_tf = eval_transform(size, _MEAN, _STD, "bilinear", crop_pct=1.0)
+    aug_tf = train_transform(aug, size, _MEAN, _STD, "bilinear", crop_pct=1.0)  # none = raw
     font = _font(max(10, min(16, size // 6)))
     label_w = _PAD + max(_text_width(font, n) for n in picked) + 2 * _PAD
     block_w = per_class * (size + _PAD)
@@ -159,8 +160,8 @@ def augmented_batch(
     std: tuple[float, ...],
     n: int = 32,
     seed: int = 0,
-    interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
 ) -> torch.Tensor:
     """(n, 3, size, size) augmented training samples, normalised (for TensorBoard's grid)."""
     entries = manifest.split_entries("train") or manifest.ok_entries

@@ -39,10 +39,19 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 
 from imgclf.config import AugmentConfig
 from imgclf.errors import ImgclfError
+from imgclf.geometry import (
+    DEFAULT_INTERPOLATION,
+    Preprocessing,
+    check_interpolation,
+    pil_resample,
+    resize_side,
+    torch_interpolation,
+    unpack,
+)
 
 TRANSFORM_KEYS = (
     "scale",
@@ -72,11 +81,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "noise": 0.03,
     },
 }
-INTERPOLATIONS = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
 
 
 def resolve_augment(aug: AugmentConfig) -> dict[str, Any]:
@@ -100,14 +104,6 @@ def resolve_augment(aug: AugmentConfig) -> dict[str, Any]:
     return resolved
 
 
-def _interpolation(name: str) -> InterpolationMode:
-    if name not in INTERPOLATIONS:
-        raise ImgclfError(
-            f"unknown interpolation {name!r}; choose one of {', '.join(INTERPOLATIONS)}"
-        )
-    return INTERPOLATIONS[name]
-
-
 def _fill(name: str, mean: Sequence[float]) -> int | tuple[int, ...]:
     """The affine fill in uint8 pixel values (it is applied before normalisation)."""
     if name == "black":
@@ -119,10 +115,10 @@ def _fill(name: str, mean: Sequence[float]) -> int | tuple[int, ...]:
     raise ImgclfError(f"unknown augment.fill {name!r}; choose one of black, white, mean")
 
 
-def _resize_crop(size: int, crop_pct: float, mode: InterpolationMode) -> list[Callable]:
-    if not 0 < crop_pct <= 1:
-        raise ImgclfError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    return [v2.Resize(round(size / crop_pct), interpolation=mode), v2.CenterCrop(size)]
+def _resize_crop(size: int, crop_pct: float, interpolation: str) -> list[Callable]:
+    """torchvision's Resize → CenterCrop with the shared geometry (`imgclf.geometry`)."""
+    mode = torch_interpolation(interpolation)
+    return [v2.Resize(resize_side(size, crop_pct), interpolation=mode), v2.CenterCrop(size)]
 
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -193,7 +189,7 @@ class TensorAffine:
         translate: float,
         shear: float,
         fill: int | tuple[int, ...],
-        interpolation: str = "bilinear",
+        interpolation: str = DEFAULT_INTERPOLATION,
     ) -> None:
         self.params = v2.RandomAffine(
             degrees=degrees,
@@ -203,14 +199,14 @@ class TensorAffine:
         self.fill = torch.tensor(np.broadcast_to(fill, 3) / 255.0, dtype=torch.float32).view(
             3, 1, 1
         )
-        self.mode = interpolation
+        self.mode = check_interpolation(interpolation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         p = self.params.make_params([x])
         if h != w:  # the presets always give squares; anything else takes torchvision's kernel
             fill = self.fill.flatten().tolist()
-            mode = _interpolation(self.mode)
+            mode = torch_interpolation(self.mode)
             return v2.functional.affine(x, **p, interpolation=mode, fill=fill)
         (tx, ty), (sx, sy) = p["translate"], p["shear"]
         t = affine_theta(p["angle"], tx, ty, sx, sy, w).tolist()
@@ -264,13 +260,6 @@ class ColourJitter:
         return x
 
 
-_PIL_RESAMPLE = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-
 class CropFlip:
     """RandomResizedCrop + RandomHorizontalFlip + RandomVerticalFlip on a PIL image, drawn as
     those three draw (RandomResizedCrop's `make_params`, then one `torch.rand(1)` per flip) and
@@ -283,12 +272,11 @@ class CropFlip:
         scale: tuple[float, float],
         hflip: float = 0.0,
         vflip: float = 0.0,
-        interpolation: str = "bilinear",
+        interpolation: str = DEFAULT_INTERPOLATION,
     ) -> None:
         self.size, self.hflip, self.vflip = int(size), float(hflip), float(vflip)
-        _interpolation(interpolation)  # the same names and error as everywhere
         self.crop = v2.RandomResizedCrop(size, scale=scale)
-        self.resample = _PIL_RESAMPLE[interpolation]
+        self.resample = pil_resample(interpolation)  # the same names and error as everywhere
 
     def __call__(self, image: Image.Image) -> Image.Image:
         p = self.crop.make_params([image])
@@ -346,30 +334,41 @@ class ToNormalised:
 
 
 def eval_transform(
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
+    size: int | Preprocessing,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
 ) -> Callable:
-    """Resize the short side to round(size / crop_pct), center-crop size × size, normalise."""
-    mode = _interpolation(interpolation)
-    return v2.Compose([*_resize_crop(size, crop_pct, mode), ToNormalised(mean, std)])
+    """Resize the short side to round(size / crop_pct), center-crop size × size, normalise.
+
+    `size` may be a model's `Preprocessing` (loose values given beside it override its own);
+    interpolation and crop_pct left None are the defaults of `imgclf.geometry`."""
+    size, mean, std, interpolation, crop_pct = _loose(size, mean, std, interpolation, crop_pct)
+    return v2.Compose([*_resize_crop(size, crop_pct, interpolation), ToNormalised(mean, std)])
+
+
+def _loose(size, mean, std, interpolation, crop_pct) -> tuple:
+    size, mean, std, interpolation, crop_pct = unpack(size, mean, std, interpolation, crop_pct)
+    if mean is None or std is None:
+        raise ImgclfError("a transform needs mean and std (or a Preprocessing that has them)")
+    return size, mean, std, interpolation, crop_pct
 
 
 def train_transform(
     aug: AugmentConfig,
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
+    size: int | Preprocessing,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
 ) -> Callable:
-    """The training pipeline for `aug` (crop_pct is used only without a random resized crop)."""
+    """The training pipeline for `aug` (crop_pct is used only without a random resized crop;
+    `size` may be a `Preprocessing`, as for `eval_transform`)."""
+    size, mean, std, interpolation, crop_pct = _loose(size, mean, std, interpolation, crop_pct)
     r = resolve_augment(aug)
-    mode = _interpolation(interpolation)
     if r["scale"] is None:
-        steps = _resize_crop(size, crop_pct, mode)
+        steps = _resize_crop(size, crop_pct, interpolation)
         if r["hflip"]:
             steps.append(v2.RandomHorizontalFlip(r["hflip"]))
         if r["vflip"]:
@@ -399,13 +398,15 @@ class _FiveViews:
 
 
 def multicrop_transform(
-    size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    interpolation: str = "bilinear",
-    crop_pct: float = 0.875,
+    size: int | Preprocessing,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
 ) -> Callable:
     """Test-time views: centre and four corner crops of the eval resize, stacked (5, C, H, W)."""
-    resize = v2.Resize(round(size / crop_pct), interpolation=_interpolation(interpolation))
+    size, mean, std, interpolation, crop_pct = _loose(size, mean, std, interpolation, crop_pct)
+    mode = torch_interpolation(interpolation)
+    resize = v2.Resize(resize_side(size, crop_pct), interpolation=mode)
     tail = ToNormalised(mean, std)
     return _FiveViews(resize, size, tail)

@@ -3,77 +3,23 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
 from imgclf.errors import ImgclfError
+
+# The contract lives in the torch-free geometry module; imported from here as it always was.
+from imgclf.geometry import INTERPOLATIONS as INTERPOLATIONS
+from imgclf.geometry import Preprocessing as Preprocessing
+from imgclf.geometry import as_triple as as_triple
 from imgclf.models.heads import Head
 
-INTERPOLATIONS = ("bilinear", "bicubic")
 FEATURE_FORMATS = ("NCHW", "NHWC", "NLC")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a model: resize side / crop_pct, center crop, normalize."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in INTERPOLATIONS:
-            raise ImgclfError(
-                f"preprocessing interpolation {self.interpolation!r} is unknown; "
-                f"choose one of {INTERPOLATIONS}"
-            )
-        if not 0 < self.crop_pct <= 1:
-            raise ImgclfError(f"preprocessing crop_pct must be in (0, 1], got {self.crop_pct}")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ImgclfError("preprocessing mean and std need one value per RGB channel")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able values (lists, not tuples), as stored in model.json."""
-        return {
-            "input_size": self.input_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        """Inverse of to_dict; unknown or missing keys are an error naming them."""
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        missing = [n for n in names[:3] if n not in data]
-        if unknown or missing:
-            raise ImgclfError(
-                f"preprocessing: unknown keys {unknown}, missing keys {missing}; "
-                f"valid keys: {names}"
-            )
-        return cls(
-            input_size=int(data["input_size"]),
-            mean=as_triple(data["mean"]),
-            std=as_triple(data["std"]),
-            interpolation=str(data.get("interpolation", "bicubic")),
-            crop_pct=float(data.get("crop_pct", 0.875)),
-        )
-
-
-def as_triple(values: Any) -> tuple[float, float, float]:
-    """Three floats (per RGB channel) from any sequence."""
-    a, b, c = (float(v) for v in values)
-    return (a, b, c)
 
 
 class ImgclfModel(nn.Module):

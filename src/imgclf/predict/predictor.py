@@ -77,9 +77,8 @@ class Predictor:
         """The per-image transform for a TTA mode (multi-crop yields a stack of views)."""
         if tta not in TTA_MODES:
             raise ImgclfError(f"unknown tta {tta!r}; choose one of flip, multi-crop")
-        p = self.preprocessing
         make = multicrop_transform if tta == "multi-crop" else eval_transform
-        return make(p.input_size, p.mean, p.std, p.interpolation, p.crop_pct)
+        return make(self.preprocessing)
 
     @torch.inference_mode()
     def predict_tensor(self, x: torch.Tensor, tta: str | None = None) -> torch.Tensor:
@@ -208,8 +207,7 @@ def shared_preprocessing(members: Sequence) -> Preprocessing | None:
     if any(p is None for p in pres):
         return None
     first = pres[0]
-    key = (first.input_size, first.interpolation, first.crop_pct)
-    same = all((p.input_size, p.interpolation, p.crop_pct) == key for p in pres)
+    same = all(p.geometry == first.geometry for p in pres)
     return first if same else None
 
 

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from imgclf.errors import ImgclfError
-from imgclf.predict.onnx_preprocess import RESAMPLE, preprocess
+from imgclf.geometry import resize_fields
+from imgclf.predict.onnx_preprocess import preprocess
 
 BACKENDS = ("auto", "onnx", "torch")
 MODEL_JSON = "model.json"
@@ -93,8 +94,10 @@ def read_model_json(folder: Path) -> dict[str, Any]:
     missing = [k for k in ("input_size", "mean", "std") if k not in pre]
     if missing:
         raise ImgclfError(f"{where}: preprocessing lacks {missing}")
-    if pre.get("interpolation", "bicubic") not in RESAMPLE:
-        raise ImgclfError(f"{where}: preprocessing interpolation must be one of {list(RESAMPLE)}")
+    try:
+        resize_fields(pre)  # interpolation and crop_pct, checked as every path checks them
+    except ImgclfError as e:
+        raise ImgclfError(f"{where}: preprocessing: {e}") from None
     return meta
 
 

@@ -94,6 +94,7 @@ def _tensorboard(run: RunDir, cfg: RunConfig, manifest: Manifest, state: FitStat
         pre.std,
         seed=cfg.seed,
         interpolation=pre.interpolation,
+        crop_pct=pre.crop_pct,
     )
     tensorboard_log(run.path, state.history, images=images, mean=pre.mean, std=pre.std, log=log)
 

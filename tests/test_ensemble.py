@@ -9,8 +9,9 @@ import torch
 
 from imgclf.commands.predict import predict_files
 from imgclf.errors import ImgclfError
-from imgclf.predict.ensemble import Ensemble, check_labels, combine, parse_weights, save_ensemble
+from imgclf.predict.ensemble import Ensemble, check_labels, combine, parse_weights
 from imgclf.predict.predictor import Predictor, load_predictor
+from imgclf.workflows.ensemble import save_ensemble
 from test_predict import train_tiny
 
 import factory as fx

@@ -23,11 +23,11 @@ from imgclf.data.transforms import eval_transform
 from imgclf.errors import ImgclfError
 from imgclf.models import build_model
 from imgclf.predict import export as export_mod
-from imgclf.predict.ensemble import save_ensemble
 from imgclf.predict.export import export_onnx, verify_export
 from imgclf.predict.onnx_preprocess import load_input, preprocess
 from imgclf.predict.predictor import Predictor
 from imgclf.runs.record import RunDir
+from imgclf.workflows.ensemble import save_ensemble
 from test_predict import train_tiny
 
 import factory as fx

@@ -18,9 +18,10 @@ from imgclf.configs import config_path
 from imgclf.data.prepare import prepare
 from imgclf.errors import ImgclfError
 from imgclf.sweep.report import open_study, sweep_runs, trial_rows, write_sweep_report
-from imgclf.sweep.runner import Sweep, run_sweep
+from imgclf.sweep.runner import run_sweep
 from imgclf.sweep.space import base_tree, check_space, decode, plan, trial_config
 from imgclf.sweep.spec import load_sweep, sweep_folder, validate_sweep
+from imgclf.sweep.study import Sweep
 
 import factory as fx
 
@@ -304,9 +305,8 @@ def test_sweep_file_mistakes_are_named_with_the_fix(tmp_path, manifest):
 
 CLAIMER = """
 import json, sys
-from imgclf.sweep.runner import Sweep
 from imgclf.sweep.spec import load_sweep
-from imgclf.sweep.trial import tell
+from imgclf.sweep.study import Sweep, tell
 sweep = Sweep.open(load_sweep(sys.argv[1]))
 sweep.load()
 claimed = []

@@ -19,8 +19,8 @@ from imgclf.config import DataConfig
 from imgclf.data.prepare import prepare
 from imgclf.runs.leaderboard import collect
 from imgclf.sweep.report import open_study, sweep_runs
-from imgclf.sweep.runner import Sweep
 from imgclf.sweep.spec import load_sweep
+from imgclf.sweep.study import Sweep
 from postgres import postgres_server
 
 import factory as fx

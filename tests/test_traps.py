@@ -16,9 +16,9 @@ from imgclf.config import ScanConfig, load_config
 from imgclf.data.scan import scan
 from imgclf.evaluate.evaluate import evaluate_run
 from imgclf.evaluate.report import compare_runs, write_report
-from imgclf.predict.two_stage import groups_from_test_split, train_two_stage
 from imgclf.train.losses import class_weights, imbalance_record
 from imgclf.train.run import train
+from imgclf.workflows.two_stage import groups_from_test_split, train_two_stage
 
 import factory as fx
 

@@ -11,14 +11,8 @@ from imgclf.config import load_config
 from imgclf.data.manifest import read_manifest
 from imgclf.errors import ImgclfError
 from imgclf.predict.predictor import load_predictor
-from imgclf.predict.two_stage import (
-    TwoStage,
-    _plan,
-    compose,
-    find_confusion_groups,
-    read_groups,
-    train_two_stage,
-)
+from imgclf.predict.two_stage import TwoStage, _plan, compose
+from imgclf.workflows.two_stage import find_confusion_groups, read_groups, train_two_stage
 
 import factory as fx
 

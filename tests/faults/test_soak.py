@@ -19,8 +19,9 @@ import pytest
 import soak
 import yaml
 
-from imgclf.sweep.runner import Sweep, run_sweep
+from imgclf.sweep.runner import run_sweep
 from imgclf.sweep.spec import load_sweep
+from imgclf.sweep.study import Sweep
 
 
 @pytest.mark.timeout(600)

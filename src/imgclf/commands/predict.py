@@ -183,7 +183,7 @@ def ensemble(
     runs_dir: Annotated[Path, typer.Option(help="where the ensemble folder goes")] = Path("runs"),
 ) -> None:
     """Save runs as an ensemble: a run-like folder that predict, evaluate and export accept."""
-    from imgclf.predict.ensemble import save_ensemble
+    from imgclf.workflows.ensemble import save_ensemble
 
     folder = save_ensemble(runs, name, vote=vote, weights=weights, runs_dir=runs_dir)
     typer.echo(f"ensemble folder: {folder}")
@@ -207,7 +207,7 @@ def two_stage(
 ) -> None:
     """Coarse → fine: stage 1 on groups of confused classes, stage 2 inside each group."""
     from imgclf.config import load_config
-    from imgclf.predict.two_stage import train_two_stage
+    from imgclf.workflows.two_stage import train_two_stage
 
     overrides = list(overrides or [])
     if config is not None and re.match(r"^[A-Za-z_][\w.]*=", config) and not Path(config).exists():

@@ -10,7 +10,8 @@ Members must share the label map: the same class names in the same order. Each m
 own preprocessing, so an ensemble may mix input sizes (a member may itself be an ensemble or a
 two-stage folder).
 
-A saved ensemble is a run-like folder, `runs/<name>/`:
+A saved ensemble is a run-like folder, `runs/<name>/` (written by
+`imgclf.workflows.ensemble.save_ensemble`, which scores it on the members' split):
 
   ensemble.json  {"format": 1, "members": [paths relative to the folder's parent], "weights",
                  "vote", "labels"}
@@ -24,30 +25,25 @@ A saved ensemble is a run-like folder, `runs/<name>/`:
 
 from __future__ import annotations
 
-import json
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.predict.loading import read_definition, register_loader
 from imgclf.predict.predictor import (
     Predictions,
     Progress,
     load_predictor,
     merge_predictions,
-    read_model_json,
     shared_preprocessing,
 )
 
 VOTES = ("soft", "hard")
 ENSEMBLE_JSON = "ensemble.json"
-FORMAT = 1
+FORMAT = 1  # of ensemble.json (read by loading.read_definition)
 TIE_TOLERANCE = 1e-9  # vote shares closer than this are a tie (weights are floats)
 TIE_NUDGE = 1e-6
 
@@ -208,117 +204,6 @@ class EnsembleModule(nn.Module):
         return combine(torch.stack([m(x) for m in self.members]), self.weights, self.vote)
 
 
-def read_definition(path: Path, required: Sequence[str]) -> dict:
-    """ensemble.json / two_stage.json, with the keys named in errors."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ImgclfError(f"{path} is missing; the folder is not a complete model") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ImgclfError(f"cannot read {path}: {e}") from None
-    missing = [k for k in required if k not in spec]
-    if missing:
-        raise ImgclfError(f"{path} lacks the keys {missing}")
-    if spec.get("format", FORMAT) > FORMAT:
-        raise ImgclfError(f"{path} has format {spec['format']}; upgrade imgclf to read it")
-    return spec
-
-
-def save_ensemble(
-    runs: Sequence[str | Path],
-    name: str,
-    *,
-    vote: str = "soft",
-    weights: Sequence[float] | str | None = None,
-    runs_dir: str | Path = "runs",
-    batch_size: int = 64,
-    workers: int = 0,
-) -> Path:
-    """Check the members, score them together on their shared split, write `runs_dir/<name>/`."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ImgclfError(f"--name {name!r}: use letters, digits, '_', '-' and '.' only")
-    runs = [Path(r) for r in runs]
-    for r in runs:
-        if not (r / "model.json").is_file():
-            raise ImgclfError(f"{r} is not a run folder (no model.json); give finished runs")
-    ens = Ensemble.from_runs(runs, weights, vote)
-    folder = Path(runs_dir) / name
-    data = shared_data_json(runs)
-    metrics = split_metrics(ens, data, runs[0], batch_size, workers) if data else {}
-    create_folder(folder)
-    base = folder.parent.resolve()
-    members = [os.path.relpath(r.resolve(), base) for r in runs]
-    definition = {
-        "format": FORMAT,
-        "members": members,
-        "weights": ens.weights,
-        "vote": vote,
-        "labels": ens.labels,
-    }
-    atomic_write_json(folder / ENSEMBLE_JSON, definition)
-    atomic_write_text(
-        folder / "config.yaml",
-        yaml.safe_dump({"kind": "ensemble", "ensemble": definition}, sort_keys=False),
-    )
-    if data:
-        atomic_write_json(folder / "data.json", data)
-    models = [_member_model(r) for r in runs]
-    summary = {
-        "run_id": name,
-        "kind": "ensemble",
-        "status": "completed",
-        "error": None,
-        "model": f"ensemble[{','.join(models)}]",
-        "members": members,
-        "vote": vote,
-        "weights": ens.weights,
-        "val": metrics.get("val", {}),
-        "test": metrics.get("test", {}),
-        "params": summed_params(runs),
-    }
-    atomic_write_json(folder / "summary.json", summary)
-    meta = {"format": FORMAT, "kind": "ensemble", "labels": ens.labels, "definition": ENSEMBLE_JSON}
-    if ens.preprocessing is not None:
-        meta["preprocessing"] = ens.preprocessing.to_dict()
-    atomic_write_json(folder / "model.json", meta)  # last: marks a complete folder
-    return folder
-
-
-def _member_model(run: Path) -> str:
-    meta = read_model_json(run)
-    if meta.get("kind", "single") != "single":
-        return meta["kind"]
-    return str(meta.get("spec", {}).get("name", "?"))
-
-
-# ---------------------------------------------------------------- composite folders
-# Shared with two_stage.py: the parts of a run-like folder that are not a single training run.
-
-
-def create_folder(folder: Path) -> Path:
-    """Make the folder exclusively: an existing ensemble or run is never overwritten."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        folder.mkdir()
-    except FileExistsError:
-        raise ImgclfError(f"{folder} already exists; choose another --name") from None
-    return folder
-
-
-def shared_data_json(runs: Sequence[Path]) -> dict | None:
-    """The members' data.json when all name the same manifest and data version, else None."""
-    infos = []
-    for r in runs:
-        try:
-            infos.append(json.loads((Path(r) / "data.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError):
-            return None
-    key = [(i.get("manifest"), i.get("data_hash")) for i in infos]
-    if key[0][0] is None or any(k != key[0] for k in key):
-        return None
-    return infos[0]
-
-
 def manifest_dir(run: Path, named: str) -> Path | None:
     """A data.json manifest path: as given (from the working directory), else beside the runs
     folder (where `imgclf demo` puts both)."""
@@ -328,41 +213,4 @@ def manifest_dir(run: Path, named: str) -> Path | None:
     return None
 
 
-def split_metrics(
-    predictor, data: dict, run: Path, batch_size: int = 64, workers: int = 0
-) -> dict[str, dict]:
-    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest."""
-    from imgclf.data.manifest import read_manifest
-    from imgclf.train.loop import classification_metrics
-
-    where = manifest_dir(run, data["manifest"])
-    if where is None:
-        return {}
-    manifest = read_manifest(where)
-    out = {}
-    for split in ("val", "test"):
-        entries = manifest.split_entries(split)
-        if not entries:
-            continue
-        paths = [Path(manifest.root) / e.path for e in entries]
-        preds = predictor.predict_paths(paths, batch_size, workers)
-        index = {n: i for i, n in enumerate(predictor.labels)}
-        targets = torch.tensor([index[entries[i].label] for i in preds.ok], dtype=torch.long)
-        out[split] = classification_metrics(preds.probs, targets, split)
-    return out
-
-
-def summed_params(runs: Sequence[Path]) -> dict | None:
-    """Parameter counts added over the members' summary.json (None when one lacks them)."""
-    total: dict[str, int] = {}
-    for r in runs:
-        try:
-            params = json.loads((Path(r) / "summary.json").read_text(encoding="utf-8"))["params"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if not isinstance(params, dict):
-            return None
-        for k, v in params.items():
-            if isinstance(v, int):
-                total[k] = total.get(k, 0) + v
-    return total
+register_loader("ensemble", Ensemble.load)

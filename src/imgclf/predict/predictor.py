@@ -6,7 +6,8 @@ its mirror; "multi-crop" averages the centre and four corner crops of the eval r
 
 `load_predictor(folder)` opens whatever a run-like folder holds, by model.json's `kind`: a single
 run (no `kind`), an ensemble (`ensemble`, see ensemble.py) or a two-stage classifier
-(`two_stage`, see two_stage.py). All three answer the same calls: `.labels`,
+(`two_stage`, see two_stage.py), through the loader table of loading.py (each module registers
+its kind; this one never imports the other two). All three answer the same calls: `.labels`,
 `.predict_paths(paths, batch_size, workers, tta)`, `.predict_images(images, tta)`,
 `.probability_module()` (0..1 RGB NCHW → probabilities, what ONNX export traces) and
 `.preprocessing` (the resize / crop shared by every member, or None when members differ).
@@ -29,6 +30,7 @@ from imgclf.data.transforms import eval_transform, multicrop_transform
 from imgclf.errors import ImgclfError
 from imgclf.io import unusable_name
 from imgclf.models import Preprocessing, model_from_spec
+from imgclf.predict.loading import loader_for, register_loader
 from imgclf.runs.checkpoint import load_state_strict, load_weights
 from imgclf.runs.record import MODEL_JSON
 
@@ -292,12 +294,7 @@ def load_predictor(path: str | Path, device: str = "cpu"):
             f"{path} is the ONNX export of a {kind} model: run it with onnxruntime "
             f"(`imgclf serve {path}`), or load the {kind} folder it came from"
         )
-    if kind == "ensemble":
-        from imgclf.predict.ensemble import Ensemble
+    return loader_for(kind)(path, device)  # the kind's module registered it (loading.py)
 
-        return Ensemble.load(path, device)
-    if kind == "two_stage":
-        from imgclf.predict.two_stage import TwoStage
 
-        return TwoStage.load(path, device)
-    return Predictor.from_run(path, device)
+register_loader("single", Predictor.from_run)

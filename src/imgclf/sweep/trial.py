@@ -2,7 +2,7 @@
 
 The run folder is recorded on the trial as soon as it exists (`RunFinder`), so a killed trial
 still points at its run. A FAIL trial's run folder never says "completed" or "pruned"
-(`mark_run_failed`), so the leaderboard agrees with the study even when a worker dies between
+(`study.mark_run_failed`), so the leaderboard agrees with the study even when a worker dies between
 finishing its run and recording the result.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +18,11 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json
 from imgclf.sweep.space import suggest, trial_config
+from imgclf.sweep.study import Log, mark_run_failed, tell
 
 if TYPE_CHECKING:
-    from imgclf.sweep.runner import Sweep
-
-Log = Callable[[str], None]
+    from imgclf.sweep.study import Sweep
 
 
 def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, log: Log) -> str:
@@ -151,38 +148,3 @@ def set_attr(trial: optuna.Trial, key: str, value: Any) -> None:
     """A user attribute; skipped when the study already failed the trial (stale heartbeat)."""
     with contextlib.suppress(UpdateFinishedTrialError):
         trial.set_user_attr(key, value)
-
-
-def tell(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    values: float | None = None,
-    state: TrialState = TrialState.COMPLETE,
-) -> bool:
-    """Finish a trial; False when it was already finished elsewhere (its heartbeat went stale)."""
-    try:
-        told = study.tell(trial, values, state=state, skip_if_finished=True)
-    except UpdateFinishedTrialError:  # failed by another process between the check and the write
-        return False
-    return told.state == state
-
-
-def mark_run_failed(run: str | None, reason: str) -> None:
-    """The run folder of a trial the study failed says "failed" (if it is on this disk).
-
-    Left "running" by a killed worker; or "completed" / "pruned" when the worker died (or lost
-    its heartbeat) after the run ended but before the study recorded it — the study counts it
-    as failed and queues the slot again, so the folder must not look like a result.
-    """
-    if not run:
-        return
-    summary_path = Path(run) / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
-        return
-    status = summary.get("status")
-    if status in ("running", "completed", "pruned"):
-        if status != "running":
-            reason = f"{reason} (the run had ended {status})"
-        atomic_write_json(summary_path, {**summary, "status": "failed", "error": reason})

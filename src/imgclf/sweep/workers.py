@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from imgclf.sweep.trial import Log, run_trial
+from imgclf.sweep.study import Log
+from imgclf.sweep.trial import run_trial
 
 if TYPE_CHECKING:
-    from imgclf.sweep.runner import Sweep
+    from imgclf.sweep.study import Sweep
 
 
 def work(sweep: Sweep, log: Log = print) -> int:

@@ -1,0 +1,156 @@
+"""Saving an ensemble: check the members, score them together on their shared split and write
+the run-like folder that `imgclf.predict.ensemble.Ensemble.load` opens (its layout is described
+in predict/ensemble.py). Also the composite-folder helpers two-stage training shares: the
+exclusive folder, the members' shared data.json, val / test metrics, summed parameter counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+
+from imgclf.errors import ImgclfError
+from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.predict.ensemble import ENSEMBLE_JSON, FORMAT, Ensemble, manifest_dir
+from imgclf.predict.predictor import read_model_json
+
+
+def save_ensemble(
+    runs: Sequence[str | Path],
+    name: str,
+    *,
+    vote: str = "soft",
+    weights: Sequence[float] | str | None = None,
+    runs_dir: str | Path = "runs",
+    batch_size: int = 64,
+    workers: int = 0,
+) -> Path:
+    """Check the members, score them together on their shared split, write `runs_dir/<name>/`."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ImgclfError(f"--name {name!r}: use letters, digits, '_', '-' and '.' only")
+    runs = [Path(r) for r in runs]
+    for r in runs:
+        if not (r / "model.json").is_file():
+            raise ImgclfError(f"{r} is not a run folder (no model.json); give finished runs")
+    ens = Ensemble.from_runs(runs, weights, vote)
+    folder = Path(runs_dir) / name
+    data = shared_data_json(runs)
+    metrics = split_metrics(ens, data, runs[0], batch_size, workers) if data else {}
+    create_folder(folder)
+    base = folder.parent.resolve()
+    members = [os.path.relpath(r.resolve(), base) for r in runs]
+    definition = {
+        "format": FORMAT,
+        "members": members,
+        "weights": ens.weights,
+        "vote": vote,
+        "labels": ens.labels,
+    }
+    atomic_write_json(folder / ENSEMBLE_JSON, definition)
+    atomic_write_text(
+        folder / "config.yaml",
+        yaml.safe_dump({"kind": "ensemble", "ensemble": definition}, sort_keys=False),
+    )
+    if data:
+        atomic_write_json(folder / "data.json", data)
+    models = [_member_model(r) for r in runs]
+    summary = {
+        "run_id": name,
+        "kind": "ensemble",
+        "status": "completed",
+        "error": None,
+        "model": f"ensemble[{','.join(models)}]",
+        "members": members,
+        "vote": vote,
+        "weights": ens.weights,
+        "val": metrics.get("val", {}),
+        "test": metrics.get("test", {}),
+        "params": summed_params(runs),
+    }
+    atomic_write_json(folder / "summary.json", summary)
+    meta = {"format": FORMAT, "kind": "ensemble", "labels": ens.labels, "definition": ENSEMBLE_JSON}
+    if ens.preprocessing is not None:
+        meta["preprocessing"] = ens.preprocessing.to_dict()
+    atomic_write_json(folder / "model.json", meta)  # last: marks a complete folder
+    return folder
+
+
+def _member_model(run: Path) -> str:
+    meta = read_model_json(run)
+    if meta.get("kind", "single") != "single":
+        return meta["kind"]
+    return str(meta.get("spec", {}).get("name", "?"))
+
+
+# ---------------------------------------------------------------- composite folders
+# Shared with two-stage training: the parts of a run-like folder that are not a single run.
+
+
+def create_folder(folder: Path) -> Path:
+    """Make the folder exclusively: an existing ensemble or run is never overwritten."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        raise ImgclfError(f"{folder} already exists; choose another --name") from None
+    return folder
+
+
+def shared_data_json(runs: Sequence[Path]) -> dict | None:
+    """The members' data.json when all name the same manifest and data version, else None."""
+    infos = []
+    for r in runs:
+        try:
+            infos.append(json.loads((Path(r) / "data.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+    key = [(i.get("manifest"), i.get("data_hash")) for i in infos]
+    if key[0][0] is None or any(k != key[0] for k in key):
+        return None
+    return infos[0]
+
+
+def split_metrics(
+    predictor, data: dict, run: Path, batch_size: int = 64, workers: int = 0
+) -> dict[str, dict]:
+    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest."""
+    from imgclf.data.manifest import read_manifest
+    from imgclf.train.loop import classification_metrics
+
+    where = manifest_dir(run, data["manifest"])
+    if where is None:
+        return {}
+    manifest = read_manifest(where)
+    out = {}
+    for split in ("val", "test"):
+        entries = manifest.split_entries(split)
+        if not entries:
+            continue
+        paths = [Path(manifest.root) / e.path for e in entries]
+        preds = predictor.predict_paths(paths, batch_size, workers)
+        index = {n: i for i, n in enumerate(predictor.labels)}
+        targets = torch.tensor([index[entries[i].label] for i in preds.ok], dtype=torch.long)
+        out[split] = classification_metrics(preds.probs, targets, split)
+    return out
+
+
+def summed_params(runs: Sequence[Path]) -> dict | None:
+    """Parameter counts added over the members' summary.json (None when one lacks them)."""
+    total: dict[str, int] = {}
+    for r in runs:
+        try:
+            params = json.loads((Path(r) / "summary.json").read_text(encoding="utf-8"))["params"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(params, dict):
+            return None
+        for k, v in params.items():
+            if isinstance(v, int):
+                total[k] = total.get(k, 0) + v
+    return total

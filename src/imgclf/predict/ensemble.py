@@ -24,7 +24,6 @@ A saved ensemble is a run-like folder, `runs/<name>/`:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -44,9 +43,20 @@ from imgclf.predict.predictor import (
     read_model_json,
     shared_preprocessing,
 )
+from imgclf.runs.layout import (
+    CONFIG_YAML,
+    DATA_JSON,
+    ENSEMBLE,
+    ENSEMBLE_JSON,
+    MODEL_JSON,
+    SUMMARY_JSON,
+    RunFileError,
+    RunFolder,
+    is_model_folder,
+    read_json,
+)
 
 VOTES = ("soft", "hard")
-ENSEMBLE_JSON = "ensemble.json"
 FORMAT = 1
 TIE_TOLERANCE = 1e-9  # vote shares closer than this are a tie (weights are floats)
 TIE_NUDGE = 1e-6
@@ -144,7 +154,7 @@ class Ensemble:
         folder = Path(folder)
         spec = read_definition(folder / ENSEMBLE_JSON, ("members", "vote"))
         runs = [folder.parent / m for m in spec["members"]]
-        missing = [str(r) for r in runs if not (r / "model.json").is_file()]
+        missing = [str(r) for r in runs if not (r / MODEL_JSON).is_file()]
         if missing:
             raise ImgclfError(
                 f"{folder / ENSEMBLE_JSON} lists members that are missing: {missing}; restore "
@@ -210,12 +220,7 @@ class EnsembleModule(nn.Module):
 
 def read_definition(path: Path, required: Sequence[str]) -> dict:
     """ensemble.json / two_stage.json, with the keys named in errors."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ImgclfError(f"{path} is missing; the folder is not a complete model") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ImgclfError(f"cannot read {path}: {e}") from None
+    spec = read_json(path)
     missing = [k for k in required if k not in spec]
     if missing:
         raise ImgclfError(f"{path} lacks the keys {missing}")
@@ -239,8 +244,8 @@ def save_ensemble(
         raise ImgclfError(f"--name {name!r}: use letters, digits, '_', '-' and '.' only")
     runs = [Path(r) for r in runs]
     for r in runs:
-        if not (r / "model.json").is_file():
-            raise ImgclfError(f"{r} is not a run folder (no model.json); give finished runs")
+        if not is_model_folder(r):
+            raise ImgclfError(f"{r} is not a run folder (no {MODEL_JSON}); give finished runs")
     ens = Ensemble.from_runs(runs, weights, vote)
     folder = Path(runs_dir) / name
     data = shared_data_json(runs)
@@ -257,15 +262,15 @@ def save_ensemble(
     }
     atomic_write_json(folder / ENSEMBLE_JSON, definition)
     atomic_write_text(
-        folder / "config.yaml",
-        yaml.safe_dump({"kind": "ensemble", "ensemble": definition}, sort_keys=False),
+        folder / CONFIG_YAML,
+        yaml.safe_dump({"kind": ENSEMBLE, "ensemble": definition}, sort_keys=False),
     )
     if data:
-        atomic_write_json(folder / "data.json", data)
+        atomic_write_json(folder / DATA_JSON, data)
     models = [_member_model(r) for r in runs]
     summary = {
         "run_id": name,
-        "kind": "ensemble",
+        "kind": ENSEMBLE,
         "status": "completed",
         "error": None,
         "model": f"ensemble[{','.join(models)}]",
@@ -275,12 +280,13 @@ def save_ensemble(
         "val": metrics.get("val", {}),
         "test": metrics.get("test", {}),
         "params": summed_params(runs),
+        "config": {},  # the leaderboard's config values: none, this is not a training run
     }
-    atomic_write_json(folder / "summary.json", summary)
-    meta = {"format": FORMAT, "kind": "ensemble", "labels": ens.labels, "definition": ENSEMBLE_JSON}
+    atomic_write_json(folder / SUMMARY_JSON, summary)
+    meta = {"format": FORMAT, "kind": ENSEMBLE, "labels": ens.labels, "definition": ENSEMBLE_JSON}
     if ens.preprocessing is not None:
         meta["preprocessing"] = ens.preprocessing.to_dict()
-    atomic_write_json(folder / "model.json", meta)  # last: marks a complete folder
+    atomic_write_json(folder / MODEL_JSON, meta)  # last: marks a complete folder
     return folder
 
 
@@ -310,8 +316,8 @@ def shared_data_json(runs: Sequence[Path]) -> dict | None:
     infos = []
     for r in runs:
         try:
-            infos.append(json.loads((Path(r) / "data.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError):
+            infos.append(RunFolder(r).data())
+        except RunFileError:
             return None
     key = [(i.get("manifest"), i.get("data_hash")) for i in infos]
     if key[0][0] is None or any(k != key[0] for k in key):
@@ -319,24 +325,17 @@ def shared_data_json(runs: Sequence[Path]) -> dict | None:
     return infos[0]
 
 
-def manifest_dir(run: Path, named: str) -> Path | None:
-    """A data.json manifest path: as given (from the working directory), else beside the runs
-    folder (where `imgclf demo` puts both)."""
-    for candidate in (Path(named), Path(run).resolve().parent.parent / named):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return None
-
-
 def split_metrics(
     predictor, data: dict, run: Path, batch_size: int = 64, workers: int = 0
 ) -> dict[str, dict]:
-    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest."""
+    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest
+    ({} when the manifest is gone: the folder is still written, without metrics)."""
     from imgclf.data.manifest import read_manifest
     from imgclf.train.loop import classification_metrics
 
-    where = manifest_dir(run, data["manifest"])
-    if where is None:
+    try:
+        where = RunFolder(run).manifest_dir(data)
+    except RunFileError:
         return {}
     manifest = read_manifest(where)
     out = {}
@@ -357,8 +356,8 @@ def summed_params(runs: Sequence[Path]) -> dict | None:
     total: dict[str, int] = {}
     for r in runs:
         try:
-            params = json.loads((Path(r) / "summary.json").read_text(encoding="utf-8"))["params"]
-        except (OSError, ValueError, KeyError, TypeError):
+            params = RunFolder(r).summary()["params"]
+        except (RunFileError, KeyError):
             return None
         if not isinstance(params, dict):
             return None

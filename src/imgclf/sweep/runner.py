@@ -30,6 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json
+from imgclf.runs.layout import RunFileError, RunFolder
 from imgclf.sweep.space import base_tree, check_space, plan
 from imgclf.sweep.spec import SweepConfig, default_storage, load_sweep, sweep_folder
 from imgclf.sweep.storage import StudyLock, display_url, open_storage
@@ -242,8 +243,8 @@ class Sweep:
         name = f"{self.id[:24]}-t{number}"
         for path in self.runs_dir.glob(f"*-{name}-*"):
             try:
-                tags = json.loads((path / "summary.json").read_text()).get("tags") or {}
-            except (OSError, ValueError, AttributeError):
+                tags = RunFolder(path).summary().get("tags") or {}
+            except (RunFileError, AttributeError):
                 continue
             if tags.get("sweep") == self.id and tags.get("trial") == str(number):
                 return str(path)

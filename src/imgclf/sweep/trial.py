@@ -9,7 +9,6 @@ finishing its run and recording the result.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ from optuna.trial import TrialState
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json
+from imgclf.runs.layout import SUMMARY_JSON, RunFileError, RunFolder, read_json
 from imgclf.sweep.space import suggest, trial_config
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, log: Log) 
         finder.poll()
         return _failed(study, trial, str(e), say)
     finder.found(path)
-    summary = json.loads((path / "summary.json").read_text())
+    summary = RunFolder(path).summary()
     if summary.get("status") != "completed":
         _failed(study, trial, f"the run ended {summary.get('status')}", say)
         return str(summary.get("status"))
@@ -133,8 +133,8 @@ class RunFinder:
             if candidate in self.before:
                 continue
             try:
-                tags = json.loads((candidate / "summary.json").read_text()).get("tags")
-            except (OSError, ValueError):
+                tags = RunFolder(candidate).summary().get("tags")
+            except RunFileError:
                 continue
             if tags == self.tags:
                 self.found(candidate)
@@ -176,10 +176,10 @@ def mark_run_failed(run: str | None, reason: str) -> None:
     """
     if not run:
         return
-    summary_path = Path(run) / "summary.json"
+    summary_path = Path(run) / SUMMARY_JSON
     try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
+        summary = read_json(summary_path)
+    except RunFileError:
         return
     status = summary.get("status")
     if status in ("running", "completed", "pruned"):

@@ -28,7 +28,6 @@ FLOORS: list[set[str]] = [
         "metric_names",
         "geometry",
         "progress",
-        "views",
     },
     # 1: the data layer, model building, the run folder (records, checkpoints, leaderboard)
     {"data", "models", "runs"},

@@ -29,7 +29,7 @@ def scan(
     from imgclf.config import load_config
     from imgclf.data.prepare import rescan
     from imgclf.data.scan import REPORT_JSON, default_manifest_dir
-    from imgclf.views import print_scan_report
+    from imgclf.commands.tables import print_scan_report
 
     cfg = load_config(config, overrides or [])
     named, out = out is not None, out or default_manifest_dir(data)
@@ -56,7 +56,7 @@ def split(
     """Stratified, duplicate-grouped, seeded train/val/test split (a column in the manifest)."""
     from imgclf.config import SplitConfig
     from imgclf.data.prepare import split_and_save
-    from imgclf.views import print_split_report
+    from imgclf.commands.tables import print_split_report
 
     fractions = _validated(SplitConfig, train=train, val=val, test=test, seed=seed)
     _, report = split_and_save(manifest, fractions, force=force)
@@ -136,13 +136,14 @@ def _preview_config(manifest, config, overrides, augment, per_class, size, split
     from imgclf.config import load_config
     from imgclf.data.manifest import read_manifest
     from imgclf.data.preview import contact_sheet
+    from imgclf.runs.layout import CONFIG_YAML
     from imgclf.train.losses import batch_mixer
 
     if config is not None and config.is_dir():
-        if not (config / "config.yaml").is_file():
-            raise ImgclfError(f"{config} is a folder without config.yaml: give a run folder or a "
-                              "run config YAML")  # fmt: skip
-        config = config / "config.yaml"
+        if not (config / CONFIG_YAML).is_file():
+            raise ImgclfError(f"{config} is a folder without {CONFIG_YAML}: give a run folder "
+                              "or a run config YAML")  # fmt: skip
+        config = config / CONFIG_YAML
     preset = [f"train.augment.preset={augment}"] if augment else []
     cfg = load_config(config, [*preset, *overrides])
     train = cfg.train
@@ -153,7 +154,7 @@ def _preview_config(manifest, config, overrides, augment, per_class, size, split
     ]
     name = (
         config.parent.name
-        if config and config.name == "config.yaml"
+        if config and config.name == CONFIG_YAML
         else (config.name if config else "overrides")
     )
     return contact_sheet(

@@ -23,7 +23,7 @@ def demo(
     from imgclf.data.prepare import split_and_save
     from imgclf.data.scan import scan_to
     from imgclf.train.run import train as run_training
-    from imgclf.views import print_run_table, print_scan_report, print_split_report
+    from imgclf.commands.tables import print_run_table, print_scan_report, print_split_report
 
     folder = digits_folder()
     console.rule("[bold]1. scan")

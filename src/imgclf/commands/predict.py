@@ -227,9 +227,9 @@ def two_stage(
 
 
 def _print_accuracy(folder: Path) -> None:
-    import json
+    from imgclf.runs.layout import RunFolder
 
-    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    summary = RunFolder(folder).summary()
     for split in ("val", "test"):
         acc = (summary.get(split) or {}).get(f"{split}_accuracy")
         if acc is not None:

@@ -10,6 +10,7 @@ import typer
 
 from imgclf.commands._common import console, split_config_arg
 from imgclf.errors import ImgclfError
+from imgclf.runs.layout import CONFIG_YAML, RunFolder
 
 
 def train(
@@ -40,17 +41,17 @@ def train(
     if config is not None and (config.is_dir() or config.suffix.lower() in (".csv", ".tsv")):
         config, overrides = None, [f"data.root={json.dumps(str(config))}", *overrides]
     changes = overrides or (model, epochs, image_size) != (None, None, None)
-    if resume is not None and config is None and changes and (resume / "config.yaml").is_file():
+    if resume is not None and config is None and changes and (resume / CONFIG_YAML).is_file():
         # `--resume RUN key=value`: the overrides apply to the run's own config, not to the
         # defaults (which would differ from it in every key the run's config set).
-        config = resume / "config.yaml"
+        config = resume / CONFIG_YAML
     overrides = _train_shortcuts(config, overrides, model, epochs, image_size)
     cfg = load_config(config, overrides) if (config or overrides or not resume) else None
     path = run_training(cfg, resume=resume, force=force, progress=progress, log=console.print)
     if not world_from_env().is_zero:
         return  # under torchrun rank 0 reports for every rank
     console.print(f"run folder: {path}")
-    status = json.loads((path / "summary.json").read_text())["status"]
+    status = RunFolder(path).summary()["status"]
     if status == "interrupted":
         console.print(f"interrupted and saved; continue with: imgclf train --resume {path}")
         raise typer.Exit(130)

@@ -5,7 +5,6 @@ disk fails writes half-way through a run). torch is imported only by the GPU che
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from imgclf.doctor.files import run_folders, subdirs, tree_size
 from imgclf.doctor.findings import Finding, Places, human_size, name_list
+from imgclf.runs.layout import RunFileError, RunFolder
 
 PACKAGES = "torch torchvision timm lightning mlflow optuna onnxruntime safetensors numpy pillow"
 # `make env` re-installs only when constraints.txt or pyproject.toml changed, so pip comes first.
@@ -208,8 +208,8 @@ def _deletable(places: Places, dev: int) -> str:
 
 def _status(run: Path) -> str | None:
     try:
-        return json.loads((run / "summary.json").read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError, AttributeError):
+        return RunFolder(run).summary().get("status")
+    except RunFileError:
         return None
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from imgclf.doctor.findings import Finding, Places, human_size, name_list
 from imgclf.errors import ImgclfError
 from imgclf.io import file_sha256
+from imgclf.runs.layout import CONFIG_YAML, MODEL_WEIGHTS, SUMMARY_JSON
 
 FEATURE_FILES = ("x.npy", "y.npy", "ok.npy")
 # tempfile's random part is 8 characters of [a-z0-9_]: io.atomic_write makes `.{name}.XXXXXXXX.tmp`
@@ -239,7 +240,7 @@ def _checkpoint_finding(path: Path) -> Finding | None:
         return None
     except ImgclfError as e:
         error = str(e)
-    best, config = path.parent.parent / "model.safetensors", path.parent.parent / "config.yaml"
+    best, config = path.parent.parent / MODEL_WEIGHTS, path.parent.parent / CONFIG_YAML
     if _predates_digests(path):
         detail = (
             f"{path} was written before checkpoints carried a digest: it cannot be verified, "
@@ -289,8 +290,8 @@ def _run_files(runs: Path) -> tuple[list[Path], list[Path]]:
     for dirpath, dirnames, filenames in os.walk(runs):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if d[0] != "." and d != ARTIFACTS_DIR)
-        if "model.safetensors" in filenames:
-            weights.append(here / "model.safetensors")
+        if MODEL_WEIGHTS in filenames:
+            weights.append(here / MODEL_WEIGHTS)
         if here.name == "checkpoints" and "last.pt" in filenames:
             checkpoints.append(here / "last.pt")
     return weights, checkpoints
@@ -399,7 +400,7 @@ def subdirs(root: Path) -> list[Path]:
 
 def run_folders(runs: Path) -> list[Path]:
     """The run folders under `runs`: those with a summary.json."""
-    return [p for p in subdirs(runs) if (p / "summary.json").is_file()]
+    return [p for p in subdirs(runs) if (p / SUMMARY_JSON).is_file()]
 
 
 def tree_size(path: Path) -> int:

@@ -5,7 +5,6 @@ and the figures of an evaluation (confusion matrices, reliability diagram, per-c
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ import numpy as np
 
 from imgclf.evaluate.metrics import MetricReport
 from imgclf.io import atomic_write_bytes
+from imgclf.runs.layout import read_metrics
 
 GROUP_THRESHOLD = 0.05
 MOST_WRONG = 25
@@ -141,12 +141,7 @@ def label_issues(
 
 def read_history(metrics_csv: Path) -> list[dict[str, float]]:
     """A run's metrics.csv as rows of floats (empty cells become NaN); [] when absent."""
-    try:
-        with open(metrics_csv, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        return []
-    return [{k: _float(v) for k, v in r.items() if k} for r in rows]
+    return read_metrics(metrics_csv)
 
 
 def overfitting(history: list[dict[str, float]], best_epoch: int | None) -> dict[str, Any]:
@@ -181,13 +176,6 @@ def overfitting(history: list[dict[str, float]], best_epoch: int | None) -> dict
 
 def _safe_ratio(a: float, b: float) -> float | None:
     return a / b if b > 0 else None
-
-
-def _float(v: str | None) -> float:
-    try:
-        return float(v) if v not in (None, "") else math.nan
-    except ValueError:
-        return math.nan
 
 
 # ---------------------------------------------------------------- figures (matplotlib, Agg)

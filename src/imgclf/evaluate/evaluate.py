@@ -28,9 +28,9 @@ from imgclf.errors import ImgclfError
 from imgclf.evaluate import analysis
 from imgclf.evaluate.metrics import MetricReport, compute_metrics
 from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.runs.layout import DATA_JSON, EVALUATIONS, RunFileError, RunFolder
+from imgclf.runs.layout import EVALUATION_METRICS as METRICS_JSON  # written last: marks it done
 
-EVALUATIONS = "evaluations"
-METRICS_JSON = "metrics.json"  # written last: its presence marks a complete evaluation
 SPLIT_NAMES = ("test", "val", "train")
 
 
@@ -93,7 +93,7 @@ def split_source(run: Path, split: str) -> Source:
     from imgclf.data.manifest import read_manifest
 
     info = _run_data(run)
-    manifest = read_manifest(_manifest_dir(run, info))
+    manifest = read_manifest(RunFolder(run).manifest_dir(info))
     samples = [Sample(e.path, e.label) for e in manifest.split_entries(split)]
     if not samples:
         raise ImgclfError(
@@ -219,8 +219,11 @@ def _write_analysis(folder, run, source, report: MetricReport, probs, targets, s
         ["path", "given", "suggested", "p_given", "p_suggested", "threshold_given", "margin"],
     )
     analysis.write_figures(folder, report, order, labels)
-    summary = _read_json(run / "summary.json", required=False)
-    history = analysis.read_history(run / "metrics.csv")
+    try:
+        summary = RunFolder(run).summary()
+    except RunFileError:
+        summary = {}
+    history = RunFolder(run).metrics()
     statuses = Counter(s.status.split(":")[0] for s in source.samples)
     metrics = _finite(report.summary)
     return {
@@ -301,7 +304,7 @@ def _training_overlap(run: Path, hashes: set[str]) -> list[str]:
     try:
         from imgclf.data.manifest import read_manifest
 
-        manifest = read_manifest(_manifest_dir(run, _read_json(run / "data.json")))
+        manifest = read_manifest(RunFolder(run).manifest_dir())
     except (ImgclfError, KeyError, OSError, ValueError):
         return []
     seen = {e.sha256 for e in manifest.split_entries("train")}
@@ -311,27 +314,12 @@ def _training_overlap(run: Path, hashes: set[str]) -> list[str]:
 
 def _run_data(run: Path) -> dict:
     """data.json: which manifest, data version and split the run was trained on."""
-    if not (run / "data.json").is_file():
+    if not (run / DATA_JSON).is_file():
         raise ImgclfError(
-            f"{run} has no data.json (an ensemble of runs trained on different data?), so it has "
-            "no split of its own; evaluate a labelled folder with --data FOLDER"
+            f"{run} has no {DATA_JSON} (an ensemble of runs trained on different data?), so it "
+            "has no split of its own; evaluate a labelled folder with --data FOLDER"
         )
-    return _read_json(run / "data.json")
-
-
-def _manifest_dir(run: Path, info: dict) -> Path:
-    """The manifest named in data.json; a relative path is tried from the working directory,
-    then beside the runs folder (where `imgclf demo` puts both)."""
-    if "manifest" not in info:
-        raise ImgclfError(f"{run / 'data.json'} names no manifest; evaluate with --data FOLDER")
-    named = Path(info["manifest"])
-    for candidate in (named, run.resolve().parent.parent / named):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    raise ImgclfError(
-        f"the manifest {named} named in {run / 'data.json'} is gone; "
-        "re-create it with `imgclf scan`, or evaluate a folder with --data FOLDER"
-    )
+    return RunFolder(run).data()
 
 
 @contextmanager
@@ -353,15 +341,6 @@ def _evaluation_name(name: str | None, default: str, tta: str | None) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ImgclfError(f"--name {name!r}: use letters, digits, '_', '-' and '.' only")
     return name
-
-
-def _read_json(path: Path, required: bool = True) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        if not required:
-            return {}
-        raise ImgclfError(f"cannot read {path}: {e}") from e
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

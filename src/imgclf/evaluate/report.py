@@ -19,12 +19,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import analysis
 from imgclf.evaluate.evaluate import evaluate_run, list_evaluations
 from imgclf.io import atomic_write_text
+from imgclf.runs.layout import (
+    COMPARISON_JSON,
+    CONFIG_YAML,
+    DATA_JSON,
+    ENVIRONMENT_JSON,
+    METRICS_CSV,
+    MODEL_JSON,
+    PLOTS,
+    SUMMARY_JSON,
+    RunFileError,
+    read_json,
+    read_yaml,
+)
 
 REPORT_HTML = "report.html"
 GALLERY = 12
@@ -53,30 +64,28 @@ def compare_runs(runs: Sequence[str | Path], out: str | Path | None = None, log=
 
 def render_report(run: Path) -> str:
     """The HTML of one run's page."""
-    summary, data = _json(run / "summary.json"), _json(run / "data.json")
+    summary, data = _json(run / SUMMARY_JSON), _json(run / DATA_JSON)
     evaluation, eval_error = primary_evaluation(run)
     split_totals: Counter[str] = Counter()
     for counts in (data.get("split") or {}).values():
         split_totals.update(counts)
-    history = analysis.read_history(run / "metrics.csv")
+    history = analysis.read_history(run / METRICS_CSV)
     ctx: dict[str, Any] = {
         "run_id": run.name,
         "train_time": training_time(summary, history),
         "summary": summary,
         "data": data,
         "split_totals": dict(split_totals),
-        "model": _json(run / "model.json"),
-        "environment": _json(run / "environment.json"),
-        "curves": data_uri(run / "plots" / "curves.png"),
-        "config": _text(run / "config.yaml"),
+        "model": _json(run / MODEL_JSON),
+        "environment": _json(run / ENVIRONMENT_JSON),
+        "curves": data_uri(run / PLOTS / "curves.png"),
+        "config": _text(run / CONFIG_YAML),
         "evaluation": evaluation,
         "eval_error": eval_error,
         "others": [e for e in list_evaluations(run) if e["name"] != (evaluation or {}).get("name")],
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         # written by `imgclf two-stage --from-run`: the composite against its single-stage run
-        "two_stage": _json(run / "comparison.json")
-        if (run / "comparison.json").is_file()
-        else None,
+        "two_stage": _json(run / COMPARISON_JSON) if (run / COMPARISON_JSON).is_file() else None,
     }
     if evaluation:
         folder = Path(evaluation["folder"])
@@ -166,7 +175,7 @@ def render_comparison(runs: list[Path], out_dir: Path) -> str:
     for run in runs:
         evaluation, error = primary_evaluation(run)
         report = run / REPORT_HTML
-        summary, history = _json(run / "summary.json"), analysis.read_history(run / "metrics.csv")
+        summary, history = _json(run / SUMMARY_JSON), analysis.read_history(run / METRICS_CSV)
         entries.append(
             {
                 "id": run.name,
@@ -178,7 +187,7 @@ def render_comparison(runs: list[Path], out_dir: Path) -> str:
                 "link": _relative(report, out_dir) if report.is_file() else None,
             }
         )
-    configs = [_yaml(run / "config.yaml") for run in runs]
+    configs = [_yaml(run / CONFIG_YAML) for run in runs]
     versions, data_warning = data_versions(runs)
     for entry, version in zip(entries, versions, strict=True):
         entry["data"] = version
@@ -198,7 +207,7 @@ def data_versions(runs: Sequence[Path]) -> tuple[list[dict[str, Any]], str | Non
     on more than one, a warning: their metrics come from different images."""
     versions = []
     for run in runs:
-        data = _json(Path(run) / "data.json")
+        data = _json(Path(run) / DATA_JSON)
         manifest = data.get("manifest")
         versions.append(
             {
@@ -334,8 +343,8 @@ def _num(value: Any, digits: int = 4) -> str:
 
 def _run_folder(run: str | Path) -> Path:
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ImgclfError(f"{run} is not a run folder (no config.yaml)")
+    if not (run / CONFIG_YAML).is_file():
+        raise ImgclfError(f"{run} is not a run folder (no {CONFIG_YAML})")
     return run
 
 
@@ -344,16 +353,17 @@ def _relative(target: Path, start: Path) -> str:
 
 
 def _json(path: Path) -> dict:
+    """What the page shows of a file: {} when it is missing or broken."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return read_json(path)
+    except RunFileError:
         return {}
 
 
 def _yaml(path: Path) -> dict:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        return read_yaml(path)
+    except RunFileError:
         return {}
 
 

@@ -40,9 +40,9 @@ from imgclf.predict.predictor import (
     merge_predictions,
     shared_preprocessing,
 )
+from imgclf.runs.layout import ENSEMBLE, ENSEMBLE_JSON, MODEL_JSON
 
 VOTES = ("soft", "hard")
-ENSEMBLE_JSON = "ensemble.json"
 FORMAT = 1  # of ensemble.json (read by loading.read_definition)
 TIE_TOLERANCE = 1e-9  # vote shares closer than this are a tie (weights are floats)
 TIE_NUDGE = 1e-6
@@ -140,7 +140,7 @@ class Ensemble:
         folder = Path(folder)
         spec = read_definition(folder / ENSEMBLE_JSON, ("members", "vote"))
         runs = [folder.parent / m for m in spec["members"]]
-        missing = [str(r) for r in runs if not (r / "model.json").is_file()]
+        missing = [str(r) for r in runs if not (r / MODEL_JSON).is_file()]
         if missing:
             raise ImgclfError(
                 f"{folder / ENSEMBLE_JSON} lists members that are missing: {missing}; restore "
@@ -204,13 +204,4 @@ class EnsembleModule(nn.Module):
         return combine(torch.stack([m(x) for m in self.members]), self.weights, self.vote)
 
 
-def manifest_dir(run: Path, named: str) -> Path | None:
-    """A data.json manifest path: as given (from the working directory), else beside the runs
-    folder (where `imgclf demo` puts both)."""
-    for candidate in (Path(named), Path(run).resolve().parent.parent / named):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return None
-
-
-register_loader("ensemble", Ensemble.load)
+register_loader(ENSEMBLE, Ensemble.load)

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import logging
 import tempfile
 import warnings
@@ -58,6 +57,7 @@ from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes, atomic_write_json
 from imgclf.predict.onnx_preprocess import preprocess_batch
 from imgclf.predict.predictor import load_predictor, read_model_json
+from imgclf.runs.layout import MODEL_JSON, MODEL_WEIGHTS, RunFolder
 
 EXPORT_DIR = "export"
 MODEL_ONNX = "model.onnx"
@@ -123,12 +123,12 @@ def export_onnx(
         "source_run": str(run),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.json").unlink(missing_ok=True)  # the folder is incomplete from here on
+    (out / MODEL_JSON).unlink(missing_ok=True)  # the folder is incomplete from here on
     atomic_write_bytes(out / MODEL_ONNX, data)
     if meta.get("kind", "single") == "single":
-        weights = meta.get("weights", "model.safetensors")
+        weights = meta.get("weights", MODEL_WEIGHTS)
         atomic_write_bytes(out / weights, (run / weights).read_bytes())
-    atomic_write_json(out / "model.json", meta)
+    atomic_write_json(out / MODEL_JSON, meta)
     return ExportResult(out, diff, len(images), source)
 
 
@@ -265,15 +265,10 @@ def sample_images(run: Path, size: int, n: int = SAMPLES) -> tuple[list[Image.Im
 def _split_images(run: Path, size: int, n: int) -> list[Image.Image]:
     from imgclf.data.images import ImageLoadError, load_image
     from imgclf.data.manifest import read_manifest
-    from imgclf.predict.ensemble import manifest_dir
 
     try:
-        info = json.loads((run / "data.json").read_text(encoding="utf-8"))
-        where = manifest_dir(run, info["manifest"])
-        manifest = read_manifest(where) if where else None
+        manifest = read_manifest(RunFolder(run).manifest_dir())
     except (OSError, ValueError, KeyError, ImgclfError):
-        return []
-    if manifest is None:
         return []
     images = []
     for entry in manifest.split_entries("val") + manifest.split_entries("test"):

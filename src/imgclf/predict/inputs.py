@@ -30,6 +30,7 @@ from typing import TextIO
 
 from imgclf.data.discover import ignored_kind, is_dir
 from imgclf.errors import ImgclfError
+from imgclf.runs.layout import MODEL_JSON
 
 LIST_SUFFIXES = (".csv", ".tsv")
 
@@ -44,7 +45,7 @@ def split_runs(args: Sequence[str]) -> tuple[list[str], list[str]]:
     """(model folders, inputs): models lead, the first non-model argument starts the inputs."""
     runs: list[str] = []
     for i, arg in enumerate(args):
-        if arg != "-" and (Path(arg) / "model.json").is_file():
+        if arg != "-" and (Path(arg) / MODEL_JSON).is_file():
             runs.append(arg)
         else:
             return runs, list(args[i:])

@@ -5,24 +5,24 @@ Each predictor module registers its own kind when it is imported (`register_load
 (predictor.py) asks `loader_for(kind)`, which imports the kind's home module on first need, so
 predictor.py never imports ensemble.py or two_stage.py and they never import each other: both
 sit on top of predictor.py and this table. `read_definition` reads the composite folders'
-ensemble.json / two_stage.json. Nothing else from imgclf is imported here.
+ensemble.json / two_stage.json through the run folder's one reader (runs/layout.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from imgclf.errors import ImgclfError
+from imgclf.runs.layout import ENSEMBLE, SINGLE, TWO_STAGE, read_json
 
 FORMAT = 1  # of ensemble.json and two_stage.json
 # kind → the module that registers its loader when imported
 HOMES = {
-    "single": "imgclf.predict.predictor",
-    "ensemble": "imgclf.predict.ensemble",
-    "two_stage": "imgclf.predict.two_stage",
+    SINGLE: "imgclf.predict.predictor",
+    ENSEMBLE: "imgclf.predict.ensemble",
+    TWO_STAGE: "imgclf.predict.two_stage",
 }
 LOADERS: dict[str, Callable] = {}  # kind → loader(folder, device)
 
@@ -44,12 +44,7 @@ def loader_for(kind: str) -> Callable:
 
 def read_definition(path: Path, required: Sequence[str]) -> dict:
     """ensemble.json / two_stage.json, with the keys named in errors."""
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ImgclfError(f"{path} is missing; the folder is not a complete model") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ImgclfError(f"cannot read {path}: {e}") from None
+    spec = read_json(path)
     missing = [k for k in required if k not in spec]
     if missing:
         raise ImgclfError(f"{path} lacks the keys {missing}")

@@ -15,7 +15,6 @@ its kind; this one never imports the other two). All three answer the same calls
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +31,18 @@ from imgclf.io import unusable_name
 from imgclf.models import Preprocessing, model_from_spec
 from imgclf.predict.loading import loader_for, register_loader
 from imgclf.runs.checkpoint import load_state_strict, load_weights
-from imgclf.runs.record import MODEL_JSON
+from imgclf.runs.layout import (
+    DEFINITIONS,
+    ENSEMBLE,
+    KINDS,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    SINGLE,
+    RunFileError,
+    RunFolder,
+)
 
 TTA_MODES = (None, "flip", "multi-crop")
-KINDS = ("single", "ensemble", "two_stage")
 Progress = Callable[[float], None]  # called with the number of files a batch finished
 
 
@@ -67,10 +74,10 @@ class Predictor:
         """A run folder (or an export folder) with model.json and its weights."""
         run = Path(run)
         meta = read_model_json(run)
-        if meta.get("kind", "single") != "single":
+        if meta.get("kind", SINGLE) != SINGLE:
             raise ImgclfError(f"{run} holds a {meta['kind']} model; open it with load_predictor")
         model = model_from_spec(meta["spec"])
-        weights = run / meta.get("weights", "model.safetensors")
+        weights = run / meta.get("weights", MODEL_WEIGHTS)
         load_state_strict(model, load_weights(weights), weights)
         pre = Preprocessing.from_dict(meta["preprocessing"])
         return cls(model, pre, meta["labels"], device, min_side=scan_min_side(run))
@@ -172,12 +179,9 @@ def as_images(
 def scan_min_side(run: str | Path) -> int:
     """The run's data.scan.min_side (from config.yaml), else scan's default: an image smaller
     than the run's data allowed is refused at prediction too. Export folders use the default."""
-    import yaml
-
     try:
-        config = yaml.safe_load((Path(run) / "config.yaml").read_text(encoding="utf-8"))
-        value = config["data"]["scan"]["min_side"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        value = RunFolder(run).config()["data"]["scan"]["min_side"]
+    except (RunFileError, KeyError, TypeError):
         return DEFAULT_MIN_SIDE
     return value if isinstance(value, int) and value >= 1 else DEFAULT_MIN_SIDE
 
@@ -233,63 +237,49 @@ def tta_warnings(folder: str | Path, tta: str | None) -> list[str]:
 def trained_runs(folder: str | Path) -> list[Path]:
     """The single runs behind a run-like folder: itself, an ensemble's members, a two-stage
     folder's stages (recursively); unreadable definitions give none."""
-    folder = Path(folder)
+    run = RunFolder(folder)
     try:
-        kind = read_model_json(folder).get("kind", "single")
+        kind = read_model_json(folder).get("kind", SINGLE)
     except ImgclfError:
         return []
-    if kind == "single":
-        return [folder]
+    if kind == SINGLE:
+        return [run.path]
     try:
-        if kind == "ensemble":  # members are relative to the ensemble folder's parent
-            spec = json.loads((folder / "ensemble.json").read_text(encoding="utf-8"))
-            return [run for m in spec["members"] for run in trained_runs(folder.parent / m)]
-        spec = json.loads((folder / "two_stage.json").read_text(encoding="utf-8"))
+        spec = run.json(DEFINITIONS[kind])
+        if kind == ENSEMBLE:  # members are relative to the ensemble folder's parent
+            return [r for m in spec["members"] for r in trained_runs(run.path.parent / m)]
         parts = [spec["stage1"], *spec["stage2"].values()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (RunFileError, KeyError, TypeError, AttributeError):
         return []
-    return [run for part in parts for run in trained_runs(folder / part)]
+    return [r for part in parts for r in trained_runs(run.path / part)]
 
 
 def _hflip(run: Path) -> float | None:
     """The run's resolved horizontal-flip probability (data.json), None when unknown."""
     try:
-        value = json.loads((run / "data.json").read_text(encoding="utf-8"))["augment"]["hflip"]
-    except (OSError, ValueError, KeyError, TypeError):
+        value = RunFolder(run).data()["augment"]["hflip"]
+    except (RunFileError, KeyError, TypeError):
         return None
     return value if isinstance(value, (int, float)) else None
 
 
 def read_model_json(folder: str | Path) -> dict:
-    """model.json of a run-like folder (errors name the file)."""
+    """model.json of a run-like folder (errors name the file), its `kind` checked."""
     path = Path(folder) / MODEL_JSON
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ImgclfError(
-            f"{folder} has no {MODEL_JSON}: is it a finished run (or ensemble) folder?"
-        ) from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ImgclfError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict):
-        raise ImgclfError(f"{path} must hold a JSON object")
-    kind = meta.get("kind", "single")
+    meta = RunFolder(folder).model_spec()
+    # is_model_folder (runs/layout.py) tells whether a folder holds one at all.
+    kind = meta.get("kind", SINGLE)
     if kind not in KINDS:
         raise ImgclfError(f"{path}: unknown kind {kind!r}; this imgclf reads {', '.join(KINDS)}")
     return meta
-
-
-def is_model_folder(path: str | Path) -> bool:
-    """True for a folder holding model.json (a run, an ensemble or a two-stage folder)."""
-    return Path(path).is_dir() and (Path(path) / MODEL_JSON).is_file()
 
 
 def load_predictor(path: str | Path, device: str = "cpu"):
     """Whatever a run-like folder holds: a single run's Predictor, an Ensemble or a TwoStage,
     each with `.labels`, `.predict_paths`, `.predict_images` and `.probability_module`."""
     meta = read_model_json(path)
-    kind = meta.get("kind", "single")
-    if kind != "single" and "onnx" in meta:
+    kind = meta.get("kind", SINGLE)
+    if kind != SINGLE and "onnx" in meta:
         raise ImgclfError(
             f"{path} is the ONNX export of a {kind} model: run it with onnxruntime "
             f"(`imgclf serve {path}`), or load the {kind} folder it came from"
@@ -297,4 +287,4 @@ def load_predictor(path: str | Path, device: str = "cpu"):
     return loader_for(kind)(path, device)  # the kind's module registered it (loading.py)
 
 
-register_loader("single", Predictor.from_run)
+register_loader(SINGLE, Predictor.from_run)

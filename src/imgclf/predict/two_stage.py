@@ -29,8 +29,8 @@ from imgclf.predict.predictor import (
     merge_predictions,
     shared_preprocessing,
 )
+from imgclf.runs.layout import MODEL_JSON, TWO_STAGE, TWO_STAGE_JSON
 
-TWO_STAGE_JSON = "two_stage.json"
 FORMAT = 1
 
 
@@ -57,7 +57,7 @@ class TwoStage:
         folder = Path(folder)
         spec = read_definition(folder / TWO_STAGE_JSON, ("labels", "groups", "stage1", "stage2"))
         paths = {"stage1": spec["stage1"], **spec["stage2"]}
-        missing = [p for p in paths.values() if not (folder / p / "model.json").is_file()]
+        missing = [p for p in paths.values() if not (folder / p / MODEL_JSON).is_file()]
         if missing:
             raise ImgclfError(
                 f"{folder / TWO_STAGE_JSON} names stage runs that are missing: {missing}"
@@ -159,4 +159,4 @@ class TwoStageModule(nn.Module):
         return compose(out[0], out[1:], {"blocks": blocks, "perm": self.perm})
 
 
-register_loader("two_stage", TwoStage.load)
+register_loader(TWO_STAGE, TwoStage.load)

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 
 from imgclf.errors import ImgclfError, torch_load_reason
 from imgclf.io import atomic_write_bytes
+from imgclf.runs.layout import CHECKPOINT
 
-CHECKPOINT = "checkpoints/last.pt"
 CHECKPOINT_FORMAT = 1
 
 

@@ -1,10 +1,11 @@
 """The leaderboard: one row per run folder, filtered, ranked and rendered.
 
-Only `summary.json`, `config.yaml` (and `evaluations/*/metrics.json` when present) are read per
-run, and nothing here imports torch, so a thousand runs list in well under a second. The config
-is read by a small parser for the block YAML that `dump_yaml` writes (5× faster than
-`yaml.CSafeLoader`, whose constructor is pure Python); anything else falls back to the real
-loader. A folder that is not a complete run is skipped with a warning, never a crash.
+Only `summary.json` (and `evaluations/*/metrics.json`, `data.json` and `model.json` when present)
+is read per run, and nothing here imports torch, so a thousand runs list in well under a second.
+The config values a row shows (model, weights, stages, …) are in summary.json's `config` (written
+by training, see `shown_config`); run folders written before it existed fall back to
+`config.yaml`, read with PyYAML's safe loader. A folder that is not a complete run is skipped
+with a warning, never a crash.
 """
 
 from __future__ import annotations
@@ -21,19 +22,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from imgclf.errors import ImgclfError
 from imgclf.metric_names import lower_is_better
+from imgclf.runs.layout import (
+    EVALUATION_METRICS,
+    EVALUATIONS,
+    RunFileError,
+    RunFolder,
+    read_json,
+)
 from imgclf.runs.owner import owner_gone
 
-# The same names as runs/record.py, which imports torch (kept out of this fast path).
-SUMMARY_JSON, CONFIG_YAML, MODEL_JSON, EVALUATIONS = (
-    "summary.json",
-    "config.yaml",
-    "model.json",
-    "evaluations",
-)
 # The tracking store lives beside the runs by default: ours, so skipped without a warning.
 # Not runs, but expected in a runs folder: the tracking store and the sweeps' studies.
 TRACKING_ENTRIES = frozenset(
@@ -126,11 +125,14 @@ def collect(runs_dir: Path, warn: Callable[[str], None] = print) -> list[dict[st
 
 def read_run(path: Path) -> dict[str, Any]:
     """The leaderboard row of one run folder (raises SkipRun when it is not a run)."""
-    summary = _read_json(path / SUMMARY_JSON)
-    config = _read_config(path / CONFIG_YAML)
+    run = RunFolder(path)
+    summary = _read(run.summary)
+    config = summary.get("config")
+    if not isinstance(config, dict):  # a run folder written before summary.json had it
+        config = _read(run.config)
     model, train = config.get("model") or {}, config.get("train") or {}
     stages = train.get("stages") or [{}]
-    image_size = (config.get("data") or {}).get("image_size") or _input_size(path)
+    image_size = (config.get("data") or {}).get("image_size") or _input_size(run)
     params = summary.get("params") or {}
     best = summary.get("best") or {}
     row: dict[str, Any] = {
@@ -145,7 +147,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "epochs": summary.get("epochs"),
         "augment": (train.get("augment") or {}).get("preset"),
         "imbalance": train.get("imbalance"),
-        "data": _data_version(path),
+        "data": _data_version(run),
         "best_epoch": best.get("epoch"),
         "sweep": (summary.get("tags") or {}).get("sweep"),
     }
@@ -174,52 +176,54 @@ def read_run(path: Path) -> dict[str, Any]:
     return row
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def shown_config(config: dict[str, Any], input_size: Any = None) -> dict[str, Any]:
+    """The part of a resolved config (`config.resolve`) that a row shows, in the same shape,
+    with `data.image_size` resolved to `input_size` when the config leaves it to the model:
+    training writes it into summary.json as `config`, so rows need no YAML."""
+    model, data = config.get("model") or {}, config.get("data") or {}
+    train = config.get("train") or {}
+    stages = [
+        {k: s.get(k) for k in ("epochs", "lr", "trainable")}
+        for s in train.get("stages") or []
+        if isinstance(s, dict)
+    ]
+    return {
+        "model": {k: model.get(k) for k in ("name", "pretrained", "init_from")},
+        "data": {"image_size": data.get("image_size") or input_size},
+        "train": {
+            "batch_size": train.get("batch_size"),
+            "stages": stages,
+            "augment": {"preset": (train.get("augment") or {}).get("preset")},
+            "imbalance": train.get("imbalance"),
+        },
+    }
+
+
+def _read(read: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """One file of the run through layout's reader; a missing or broken one skips the run."""
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise SkipRun(f"no {path.name} (half-written, or not a run folder)") from None
-    except (OSError, ValueError) as e:
-        raise SkipRun(f"unreadable {path.name}: {e}") from None
-    if not isinstance(data, dict):
-        raise SkipRun(f"{path.name} is not a JSON object")
-    return data
+        return read()
+    except RunFileError as e:
+        name = e.path.name
+        if e.missing:
+            raise SkipRun(f"no {name} (half-written, or not a run folder)") from None
+        raise SkipRun(f"unreadable {name}: {e}") from None
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SkipRun(f"no {path.name} (half-written, or not a run folder)") from None
-    except (OSError, ValueError) as e:
-        raise SkipRun(f"unreadable {path.name}: {e}") from None
-    try:
-        data = fast_yaml(text)
-    except _NotSimple:
-        try:
-            data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        except yaml.YAMLError as e:
-            raise SkipRun(f"{path.name} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise SkipRun(f"{path.name} is not a mapping of sections")
-    return data
-
-
-def _data_version(path: Path) -> str | None:
+def _data_version(run: RunFolder) -> str | None:
     """data.json's data hash, shortened: runs on different data are told apart at a glance."""
     try:
-        data = json.loads((path / "data.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        digest = run.data().get("data_hash")
+    except RunFileError:
         return None
-    digest = data.get("data_hash") if isinstance(data, dict) else None
     return str(digest)[:DATA_HASH_CHARS] if digest else None
 
 
-def _input_size(path: Path) -> int | None:
+def _input_size(run: RunFolder) -> int | None:
     """`data.image_size: null` means the model's default: model.json has the real one."""
     try:
-        return json.loads((path / MODEL_JSON).read_bytes())["preprocessing"]["input_size"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return run.model_spec()["preprocessing"]["input_size"]
+    except (RunFileError, KeyError, TypeError):
         return None
 
 
@@ -269,12 +273,11 @@ def _evaluations(folder: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for name in names:
         try:
-            data = json.loads((folder / name / "metrics.json").read_bytes())
-        except (OSError, ValueError):
+            data = read_json(folder / name / EVALUATION_METRICS)
+        except RunFileError:
             continue
-        if isinstance(data, dict):
-            inner = data.get("summary", data.get("metrics"))
-            out.update(_numbers(inner if isinstance(inner, dict) else data, f"{name}."))
+        inner = data.get("summary", data.get("metrics"))
+        out.update(_numbers(inner if isinstance(inner, dict) else data, f"{name}."))
     return out
 
 
@@ -527,97 +530,3 @@ def _html(columns: list[str], cells: list[list[str]]) -> str:
         f"<h1>imgclf leaderboard</h1>\n<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n"
         "</tbody>\n</table>\n</body></html>\n"
     )
-
-
-class _NotSimple(Exception):
-    """The YAML uses more than the plain block style `dump_yaml` writes."""
-
-
-_LINE = re.compile(r"^( *)([^\s#].*)$", re.M)
-_NUMBER = re.compile(r"[-+]?(?:[0-9]+|(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+][0-9]+)?)\Z")
-_PLAIN: dict[str, Any] = {"null": None, "~": None, "true": True, "false": False}
-# Plain words PyYAML would not read as strings: leave those files to PyYAML itself.
-_UNSURE = frozenset({"yes", "no", "on", "off", "null", "true", "false", ".inf", ".nan", "~"})
-
-
-def fast_yaml(text: str) -> Any:
-    """Block-style YAML as `yaml.safe_dump` writes it; raises _NotSimple for anything else."""
-    if "\t" in text or "\r" in text or "\n---" in text or text.startswith("---"):
-        raise _NotSimple
-    lines = [(len(indent), s) for indent, s in _LINE.findall(text)]
-    if not lines:
-        return None
-    value, i = _block(lines, 0, lines[0][0])
-    if i != len(lines):
-        raise _NotSimple
-    return value
-
-
-def _block(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[Any, int]:
-    if lines[i][1].startswith("- "):
-        return _sequence(lines, i, indent)
-    return _mapping(lines, i, indent)
-
-
-def _mapping(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[dict, int]:
-    out: dict[str, Any] = {}
-    n = len(lines)
-    while i < n:
-        at, s = lines[i]
-        if at != indent or s.startswith("- "):
-            break
-        key, sep, rest = s.partition(": ")
-        if not sep:
-            key = s[:-1]
-            if s[-1] != ":":
-                raise _NotSimple
-        if not key.isidentifier() or key in out:
-            raise _NotSimple
-        i += 1
-        if rest:
-            out[key] = _scalar(rest)
-        elif i < n and (lines[i][0] > indent or lines[i][1].startswith("- ")):
-            out[key], i = _block(lines, i, lines[i][0])
-        else:
-            out[key] = None
-    if i < n and lines[i][0] > indent:
-        raise _NotSimple
-    return out, i
-
-
-def _sequence(lines: list[tuple[int, str]], i: int, indent: int) -> tuple[list, int]:
-    out: list[Any] = []
-    n = len(lines)
-    while i < n and lines[i][0] == indent and lines[i][1].startswith("- "):
-        content = lines[i][1][2:]
-        key, sep, _ = content.partition(": ")
-        if (sep and key.isidentifier()) or (content[-1:] == ":" and content[:-1].isidentifier()):
-            lines[i] = (indent + 2, content)  # "- key: v" opens a mapping two columns in
-            value, i = _mapping(lines, i, indent + 2)
-        else:
-            value, i = _scalar(content), i + 1
-        out.append(value)
-    if i < n and lines[i][0] > indent:
-        raise _NotSimple
-    return out, i
-
-
-def _scalar(s: str) -> Any:
-    if s in _PLAIN:
-        return _PLAIN[s]
-    c = s[0]
-    if c.isalpha() or c == "/":
-        if " #" in s or ": " in s or s.lower() in _UNSURE:
-            raise _NotSimple
-        return s
-    if c == "'":
-        if len(s) < 2 or s[-1] != "'" or "'" in s[1:-1].replace("''", ""):
-            raise _NotSimple
-        return s[1:-1].replace("''", "'")
-    if _NUMBER.match(s) and s not in (".", "-.", "+."):
-        return float(s.replace("_", "")) if "." in s else int(s)
-    if s == "[]":
-        return []
-    if s == "{}":
-        return {}
-    raise _NotSimple  # flow collections, double quotes, anchors, block scalars, …

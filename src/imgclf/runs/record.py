@@ -1,8 +1,9 @@
 """The run folder: the contract between training and everything after it.
 
 runs/<run-id>/ config.yaml, environment.json, data.json, metrics.csv, summary.json,
-model.safetensors + model.json, checkpoints/last.pt, plots/, predictions/. Every file is written
-atomically; `model.json` + `model.safetensors` rebuild the predictor with no config or data.
+model.safetensors + model.json, checkpoints/last.pt, plots/, predictions/ (the names live in
+runs/layout.py, with the reader). Every file is written atomically; `model.json` +
+`model.safetensors` rebuild the predictor with no config or data.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ from safetensors.torch import save as save_safetensors
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from imgclf.runs.layout import (
+    CONFIG_YAML,
+    LOCK,
+    METRICS_CSV,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    SUBFOLDERS,
+    read_json,
+)
 
-MODEL_JSON = "model.json"
-MODEL_WEIGHTS = "model.safetensors"
-SUMMARY_JSON = "summary.json"
-CONFIG_YAML = "config.yaml"
-METRICS_CSV = "metrics.csv"
 MODEL_FORMAT = 1
 _PACKAGES = (
     "imgclf",
@@ -74,7 +79,7 @@ class RunDir:
             path.mkdir()
         except FileExistsError:
             raise ImgclfError(f"run folder {path} already exists; choose another name") from None
-        for sub in ("checkpoints", "plots", "predictions"):
+        for sub in SUBFOLDERS:
             (path / sub).mkdir()
         return cls(path)
 
@@ -97,7 +102,7 @@ class RunDir:
         if not self.writer:
             yield
             return
-        with open(self.path / ".lock", "a+") as f:
+        with open(self.path / LOCK, "a+") as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -121,10 +126,7 @@ class RunDir:
             atomic_write_json(self.path / name, obj)
 
     def read_json(self, name: str) -> dict:
-        try:
-            return json.loads((self.path / name).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ImgclfError(f"cannot read {self.path / name}: {e}") from e
+        return read_json(self.path / name)
 
     def write_config(self, yaml_text: str) -> None:
         if self.writer:

@@ -33,22 +33,35 @@ from imgclf.config import TrackingConfig
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json
 from imgclf.progress import Advance, progress_bar
+from imgclf.runs.layout import (
+    CONFIG_YAML,
+    DATA_JSON,
+    ENVIRONMENT_JSON,
+    EVALUATIONS,
+    METRICS_CSV,
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    PLOTS,
+    PREDICTIONS,
+    SUMMARY_JSON,
+    RunFolder,
+)
 
 STORE_NAME = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 TRACKING_JSON = "tracking.json"
 RUN_ID_TAG = "imgclf.run_id"
 ARTIFACT_FILES = (
-    "model.json",
-    "model.safetensors",
-    "summary.json",
-    "metrics.csv",
-    "config.yaml",
-    "data.json",
-    "environment.json",
+    MODEL_JSON,
+    MODEL_WEIGHTS,
+    SUMMARY_JSON,
+    METRICS_CSV,
+    CONFIG_YAML,
+    DATA_JSON,
+    ENVIRONMENT_JSON,
     "report.html",
 )
-ARTIFACT_DIRS = ("plots", "predictions", "evaluations")
+ARTIFACT_DIRS = (PLOTS, PREDICTIONS, EVALUATIONS)
 # A pruned sweep trial stopped early on purpose: KILLED, as MLflow calls a run stopped by a user.
 _STATUS = {
     "completed": "FINISHED",
@@ -187,10 +200,10 @@ class _Record:
         import yaml
 
         self.path = path
-        self.summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-        self.config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+        self.summary = RunFolder(path).summary()
+        self.config = yaml.safe_load((path / CONFIG_YAML).read_text(encoding="utf-8")) or {}
         self.id = str(self.summary.get("run_id") or path.name)
-        self.rows = _read_csv(path / "metrics.csv")
+        self.rows = _read_csv(path / METRICS_CSV)
         self.start_ms = _start_ms(path)
 
 
@@ -370,9 +383,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def _start_ms(path: Path) -> int:
     """When the run started (environment.json), else when its config was written."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        env = json.loads((path / "environment.json").read_text(encoding="utf-8"))
+        env = json.loads((path / ENVIRONMENT_JSON).read_text(encoding="utf-8"))
         return int(datetime.strptime(env["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp() * 1000)
-    return int((path / "config.yaml").stat().st_mtime * 1000)
+    return int((path / CONFIG_YAML).stat().st_mtime * 1000)
 
 
 def _retrying(fn: Callable[[], Any]) -> Any:

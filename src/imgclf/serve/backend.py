@@ -4,7 +4,6 @@ that path), or the run's own PyTorch predictor when only a run folder is given."
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +15,9 @@ from PIL import Image
 from imgclf.errors import ImgclfError
 from imgclf.geometry import resize_fields
 from imgclf.predict.onnx_preprocess import preprocess
+from imgclf.runs.layout import MODEL_JSON, MODEL_WEIGHTS, read_json
 
 BACKENDS = ("auto", "onnx", "torch")
-MODEL_JSON = "model.json"
 MODEL_ONNX = "model.onnx"
 EXPORT_DIR = "export"
 # What /model shows of an export's "onnx" section (source_run is a path on the exporting machine).
@@ -83,10 +82,7 @@ def find_export(path: Path) -> Path | None:
 def read_model_json(folder: Path) -> dict[str, Any]:
     """model.json with its labels and preprocessing checked (errors name the file and key)."""
     where = folder / MODEL_JSON
-    try:
-        meta = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ImgclfError(f"cannot read {where}: {e}") from None
+    meta = read_json(where)
     for key in ("labels", "preprocessing"):
         if key not in meta:
             raise ImgclfError(f"{where} has no {key!r} key; re-run `imgclf export`")
@@ -182,7 +178,7 @@ class TorchBackend:
         # None for an ensemble whose members resize differently: each member does its own.
         self.preprocessing = pre.to_dict() if pre is not None else None
         self.model_kind = meta.get("kind", "single")
-        weights = folder / meta.get("weights", "model.safetensors")
+        weights = folder / meta.get("weights", MODEL_WEIGHTS)
         self.model_id = file_id(weights if weights.is_file() else folder / MODEL_JSON)
         self.name = folder.parent.name if folder.name == EXPORT_DIR else folder.name
         single = hasattr(self._predictor, "predict_tensor")

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
+from imgclf.runs.layout import RunFileError, RunFolder
 from imgclf.sweep.spec import SWEEPS_DIR, default_storage, sweep_folder
 from imgclf.sweep.storage import display_url, open_storage
 
@@ -37,8 +38,8 @@ def sweep_runs(runs_dir: str | Path, sweep_id: str) -> list[Path]:
         if path.name == SWEEPS_DIR or path.name.startswith(".") or not path.is_dir():
             continue
         try:
-            tags = json.loads((path / "summary.json").read_text()).get("tags") or {}
-        except (OSError, ValueError):
+            tags = RunFolder(path).summary().get("tags") or {}
+        except RunFileError:
             continue
         if tags.get("sweep") == sweep_id:
             trial = str(tags.get("trial", ""))

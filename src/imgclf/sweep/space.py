@@ -29,6 +29,7 @@ from optuna.distributions import (
 
 from imgclf.config import RunConfig, load_config, resolve, validate
 from imgclf.errors import ImgclfError
+from imgclf.runs.layout import CONFIG_YAML, MODEL_WEIGHTS
 from imgclf.sweep.spec import SweepConfig, encode_choice
 
 VARIANT = "variant"  # the one Optuna parameter of a `list` sweep
@@ -127,7 +128,7 @@ def base_tree(spec: SweepConfig, cli_overrides: list[str] | tuple[str, ...] = ()
     if spec.base is not None:
         cfg = load_config(spec.base)
     elif spec.init_from is not None:
-        cfg = load_config(finished_run(spec.init_from) / "config.yaml")
+        cfg = load_config(finished_run(spec.init_from) / CONFIG_YAML)
     else:
         cfg = RunConfig()
     tree = resolve(cfg)
@@ -144,10 +145,10 @@ def base_tree(spec: SweepConfig, cli_overrides: list[str] | tuple[str, ...] = ()
 def finished_run(path: Path) -> Path:
     """A completed run folder to warm-start from (absolute), or an error saying what is wrong."""
     path = Path(path).expanduser().resolve()
-    if not (path / "config.yaml").is_file():
-        raise ImgclfError(f"init_from: {path} is not a run folder (no config.yaml)")
-    if not (path / "model.safetensors").is_file():
-        raise ImgclfError(f"init_from: {path} has no model.safetensors; it never finished")
+    if not (path / CONFIG_YAML).is_file():
+        raise ImgclfError(f"init_from: {path} is not a run folder (no {CONFIG_YAML})")
+    if not (path / MODEL_WEIGHTS).is_file():
+        raise ImgclfError(f"init_from: {path} has no {MODEL_WEIGHTS}; it never finished")
     return path
 
 

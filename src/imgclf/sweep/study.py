@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json
+from imgclf.runs.layout import SUMMARY_JSON, RunFileError, RunFolder, read_json
 from imgclf.sweep.space import base_tree, check_space, plan
 from imgclf.sweep.spec import SweepConfig, default_storage, sweep_folder
 from imgclf.sweep.storage import StudyLock, display_url, open_storage
@@ -244,8 +245,8 @@ class Sweep:
         name = f"{self.id[:24]}-t{number}"
         for path in self.runs_dir.glob(f"*-{name}-*"):
             try:
-                tags = json.loads((path / "summary.json").read_text()).get("tags") or {}
-            except (OSError, ValueError, AttributeError):
+                tags = RunFolder(path).summary().get("tags") or {}
+            except (RunFileError, AttributeError):
                 continue
             if tags.get("sweep") == self.id and tags.get("trial") == str(number):
                 return str(path)
@@ -332,10 +333,10 @@ def mark_run_failed(run: str | None, reason: str) -> None:
     """
     if not run:
         return
-    summary_path = Path(run) / "summary.json"
+    summary_path = Path(run) / SUMMARY_JSON
     try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, ValueError):
+        summary = read_json(summary_path)
+    except RunFileError:
         return
     status = summary.get("status")
     if status in ("running", "completed", "pruned"):

@@ -9,7 +9,6 @@ finishing its run and recording the result.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from imgclf.errors import ImgclfError
+from imgclf.runs.layout import RunFileError, RunFolder
 from imgclf.sweep.space import suggest, trial_config
 from imgclf.sweep.study import Log, mark_run_failed, tell
 
@@ -73,7 +73,7 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, log: Log) 
         finder.poll()
         return _failed(study, trial, str(e), say)
     finder.found(path)
-    summary = json.loads((path / "summary.json").read_text())
+    summary = RunFolder(path).summary()
     if summary.get("status") != "completed":
         _failed(study, trial, f"the run ended {summary.get('status')}", say)
         return str(summary.get("status"))
@@ -130,8 +130,8 @@ class RunFinder:
             if candidate in self.before:
                 continue
             try:
-                tags = json.loads((candidate / "summary.json").read_text()).get("tags")
-            except (OSError, ValueError):
+                tags = RunFolder(candidate).summary().get("tags")
+            except RunFileError:
                 continue
             if tags == self.tags:
                 self.found(candidate)

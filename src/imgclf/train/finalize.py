@@ -1,5 +1,9 @@
 """After training: predictions with the best weights, the curves plot and summary.json.
 
+summary.json also carries `config`: the config values the leaderboard shows (model, weights,
+resolved input size, batch size, stages, augmentation preset, imbalance), so listing runs reads
+no YAML (`runs.leaderboard.shown_config`).
+
 Predictions are made by the same `Predictor` that later rebuilds the run from its folder, so
 `predictions/test.csv` is exactly what a copied run folder reproduces in a fresh process.
 """
@@ -12,15 +16,18 @@ from pathlib import Path
 
 import torch
 
-from imgclf.config import RunConfig
+from imgclf.config import RunConfig, resolve
 from imgclf.data.manifest import Manifest
 from imgclf.data.preview import augmented_batch
+from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_text
 from imgclf.models import Preprocessing
 from imgclf.predict.predictor import Predictions, Predictor
 from imgclf.progress import progress_bar
+from imgclf.runs.layout import MODEL_JSON, MODEL_WEIGHTS, PLOTS, PREDICTIONS, SUMMARY_JSON
+from imgclf.runs.leaderboard import shown_config
 from imgclf.runs.plots import plot_curves
-from imgclf.runs.record import MODEL_JSON, MODEL_WEIGHTS, SUMMARY_JSON, RunDir
+from imgclf.runs.record import RunDir
 from imgclf.runs.tracking import mirror_run, tensorboard_log
 from imgclf.train.fit import FitState
 from imgclf.train.loop import classification_metrics
@@ -45,7 +52,7 @@ def finalize(
             entries = manifest.split_entries(split)
             if entries:
                 metrics[split] = _predict_split(run, predictor, manifest, split, cfg, progress)
-    plot_curves(state.history, run.path / "plots" / "curves.png", title=run.id)
+    plot_curves(state.history, run.path / PLOTS / "curves.png", title=run.id)
     rows = state.history
     summary.update(
         {
@@ -68,6 +75,7 @@ def finalize(
             "data_wait": state.data_wait or None,
             "warnings": state.warnings,
             "position": {"stage": state.stage, "epoch": state.epoch},
+            "config": shown_config(resolve(cfg), _input_size(run)),
         }
     )
     run.write_json(SUMMARY_JSON, summary)
@@ -81,6 +89,14 @@ def finalize(
         + (f", test accuracy {test:.4f}" if test is not None else "")
     )
     return summary
+
+
+def _input_size(run: RunDir):
+    """The input size the model was built for (model.json), None when unreadable."""
+    try:
+        return run.read_json(MODEL_JSON)["preprocessing"]["input_size"]
+    except (ImgclfError, KeyError, TypeError):
+        return None
 
 
 def _tensorboard(run: RunDir, cfg: RunConfig, manifest: Manifest, state: FitState, log) -> None:
@@ -115,7 +131,7 @@ def _predict_split(
         )
     targets = torch.tensor([manifest.labels.index(entries[i].label) for i in preds.ok])
     write_predictions(
-        run.path / "predictions" / f"{split}.csv",
+        run.path / PREDICTIONS / f"{split}.csv",
         preds,
         predictor.labels,
         [e.path for e in entries],

@@ -28,10 +28,15 @@ from imgclf.io import remove_temps
 from imgclf.metric_names import unmeasured
 from imgclf.models import build_model, count_parameters, model_size_mb
 from imgclf.runs.checkpoint import CHECKPOINT, load_checkpoint, load_state_strict, load_weights
-from imgclf.runs.record import (
+from imgclf.runs.layout import (
     CONFIG_YAML,
+    DATA_JSON,
+    ENVIRONMENT_JSON,
     MODEL_WEIGHTS,
     SUMMARY_JSON,
+)
+from imgclf.runs.leaderboard import shown_config
+from imgclf.runs.record import (
     RunDir,
     config_hash,
     environment,
@@ -312,7 +317,7 @@ def _write_run_header(
     if cfg.data.cache != "none":
         workers = {**workers, "workers": 0, "note": "data.cache is on: no DataLoader workers"}
     run.write_json(
-        "environment.json",
+        ENVIRONMENT_JSON,
         {
             **environment(cfg.seed, device),
             "processes": world.size,
@@ -322,7 +327,7 @@ def _write_run_header(
     )
     split = manifest.report.get("split", {})
     run.write_json(
-        "data.json",
+        DATA_JSON,
         {
             "manifest": str(manifest_dir),
             "root": str(manifest.root),
@@ -342,6 +347,7 @@ def _write_run_header(
             "tags": cfg.tags,
             "params": count_parameters(model),
             "model_size_mb": model_size_mb(model),
+            "config": shown_config(resolve(cfg), pre.input_size),
         },
     )
 
@@ -410,7 +416,7 @@ def _record_imbalance(run: RunDir, cfg: RunConfig, counts: list[int], labels, lo
         return
     log(describe_imbalance(record))
     if run.writer:
-        run.write_json("data.json", {**run.read_json("data.json"), "imbalance": record})
+        run.write_json(DATA_JSON, {**run.read_json(DATA_JSON), "imbalance": record})
 
 
 def _check_identity(run_path: Path, saved: dict, now: dict, force: bool) -> None:

@@ -6,7 +6,6 @@ exclusive folder, the members' shared data.json, val / test metrics, summed para
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -17,8 +16,19 @@ import yaml
 
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
-from imgclf.predict.ensemble import ENSEMBLE_JSON, FORMAT, Ensemble, manifest_dir
+from imgclf.predict.ensemble import FORMAT, Ensemble
 from imgclf.predict.predictor import read_model_json
+from imgclf.runs.layout import (
+    CONFIG_YAML,
+    DATA_JSON,
+    ENSEMBLE,
+    ENSEMBLE_JSON,
+    MODEL_JSON,
+    SUMMARY_JSON,
+    RunFileError,
+    RunFolder,
+    is_model_folder,
+)
 
 
 def save_ensemble(
@@ -36,8 +46,8 @@ def save_ensemble(
         raise ImgclfError(f"--name {name!r}: use letters, digits, '_', '-' and '.' only")
     runs = [Path(r) for r in runs]
     for r in runs:
-        if not (r / "model.json").is_file():
-            raise ImgclfError(f"{r} is not a run folder (no model.json); give finished runs")
+        if not is_model_folder(r):
+            raise ImgclfError(f"{r} is not a run folder (no {MODEL_JSON}); give finished runs")
     ens = Ensemble.from_runs(runs, weights, vote)
     folder = Path(runs_dir) / name
     data = shared_data_json(runs)
@@ -54,15 +64,15 @@ def save_ensemble(
     }
     atomic_write_json(folder / ENSEMBLE_JSON, definition)
     atomic_write_text(
-        folder / "config.yaml",
-        yaml.safe_dump({"kind": "ensemble", "ensemble": definition}, sort_keys=False),
+        folder / CONFIG_YAML,
+        yaml.safe_dump({"kind": ENSEMBLE, "ensemble": definition}, sort_keys=False),
     )
     if data:
-        atomic_write_json(folder / "data.json", data)
+        atomic_write_json(folder / DATA_JSON, data)
     models = [_member_model(r) for r in runs]
     summary = {
         "run_id": name,
-        "kind": "ensemble",
+        "kind": ENSEMBLE,
         "status": "completed",
         "error": None,
         "model": f"ensemble[{','.join(models)}]",
@@ -72,12 +82,13 @@ def save_ensemble(
         "val": metrics.get("val", {}),
         "test": metrics.get("test", {}),
         "params": summed_params(runs),
+        "config": {},  # the leaderboard's config values: none, this is not a training run
     }
-    atomic_write_json(folder / "summary.json", summary)
-    meta = {"format": FORMAT, "kind": "ensemble", "labels": ens.labels, "definition": ENSEMBLE_JSON}
+    atomic_write_json(folder / SUMMARY_JSON, summary)
+    meta = {"format": FORMAT, "kind": ENSEMBLE, "labels": ens.labels, "definition": ENSEMBLE_JSON}
     if ens.preprocessing is not None:
         meta["preprocessing"] = ens.preprocessing.to_dict()
-    atomic_write_json(folder / "model.json", meta)  # last: marks a complete folder
+    atomic_write_json(folder / MODEL_JSON, meta)  # last: marks a complete folder
     return folder
 
 
@@ -107,8 +118,8 @@ def shared_data_json(runs: Sequence[Path]) -> dict | None:
     infos = []
     for r in runs:
         try:
-            infos.append(json.loads((Path(r) / "data.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError):
+            infos.append(RunFolder(r).data())
+        except RunFileError:
             return None
     key = [(i.get("manifest"), i.get("data_hash")) for i in infos]
     if key[0][0] is None or any(k != key[0] for k in key):
@@ -119,12 +130,14 @@ def shared_data_json(runs: Sequence[Path]) -> dict | None:
 def split_metrics(
     predictor, data: dict, run: Path, batch_size: int = 64, workers: int = 0
 ) -> dict[str, dict]:
-    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest."""
+    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest
+    ({} when the manifest is gone: the folder is still written, without metrics)."""
     from imgclf.data.manifest import read_manifest
     from imgclf.train.loop import classification_metrics
 
-    where = manifest_dir(run, data["manifest"])
-    if where is None:
+    try:
+        where = RunFolder(run).manifest_dir(data)
+    except RunFileError:
         return {}
     manifest = read_manifest(where)
     out = {}
@@ -145,8 +158,8 @@ def summed_params(runs: Sequence[Path]) -> dict | None:
     total: dict[str, int] = {}
     for r in runs:
         try:
-            params = json.loads((Path(r) / "summary.json").read_text(encoding="utf-8"))["params"]
-        except (OSError, ValueError, KeyError, TypeError):
+            params = RunFolder(r).summary()["params"]
+        except (RunFileError, KeyError):
             return None
         if not isinstance(params, dict):
             return None

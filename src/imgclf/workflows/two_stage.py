@@ -42,7 +42,18 @@ from imgclf.data.loaders import resolve_workers
 from imgclf.data.manifest import Entry, LabelMap, Manifest, write_manifest
 from imgclf.errors import ImgclfError
 from imgclf.io import atomic_write_json, atomic_write_text
-from imgclf.predict.two_stage import FORMAT, TWO_STAGE_JSON, TwoStage, group_name
+from imgclf.predict.two_stage import FORMAT, TwoStage, group_name
+from imgclf.runs.layout import (
+    COMPARISON_JSON,
+    CONFIG_YAML,
+    DATA_JSON,
+    MODEL_JSON,
+    SUMMARY_JSON,
+    TWO_STAGE,
+    TWO_STAGE_JSON,
+    RunFileError,
+    RunFolder,
+)
 from imgclf.workflows.ensemble import create_folder, split_metrics, summed_params
 
 GROUPS_JSON = "confusion_groups.json"
@@ -212,21 +223,22 @@ def train_two_stage(
     folder = create_folder(Path(cfg.runs_dir) / (name or new_run_id("two-stage", cfg.name)))
     label = name or folder.name
     atomic_write_text(
-        folder / "config.yaml",
+        folder / CONFIG_YAML,
         yaml.safe_dump(
-            {"kind": "two_stage", "groups": grouped, "base_config": resolve(cfg)},
+            {"kind": TWO_STAGE, "groups": grouped, "base_config": resolve(cfg)},
             sort_keys=False,
             allow_unicode=True,
         ),
     )
-    summary = {"run_id": folder.name, "kind": "two_stage", "status": "running"}
+    # "config": the leaderboard's config values: none, the stages are the training runs.
+    summary = {"run_id": folder.name, "kind": TWO_STAGE, "status": "running", "config": {}}
     summary["warnings"] = warnings
-    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_json(folder / SUMMARY_JSON, summary)
     try:
         stages = _train_stages(cfg, manifest, grouped, folder, label, progress, log)
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        atomic_write_json(folder / "summary.json", {**summary, "status": status, "error": str(e)})
+        atomic_write_json(folder / SUMMARY_JSON, {**summary, "status": status, "error": str(e)})
         raise
     return _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log, warnings)
 
@@ -242,7 +254,7 @@ def _train_stages(cfg, manifest, grouped, folder: Path, label: str, progress, lo
         log(f"two-stage: training {job}")
         stage_cfg = _stage_config(cfg, manifest_dir, folder / "stages", f"{label}-{job}")
         run = train(stage_cfg, progress=progress, log=log)
-        status = json.loads((run / "summary.json").read_text(encoding="utf-8"))["status"]
+        status = RunFolder(run).summary().get("status")
         if status != "completed":
             raise ImgclfError(f"two-stage {job} run {run} ended {status}; nothing was combined")
         runs[job] = run
@@ -269,16 +281,16 @@ def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log
         "labels": labels,
         "split": manifest.report.get("split", {}).get("per_class"),
     }
-    atomic_write_json(folder / "data.json", data)
+    atomic_write_json(folder / DATA_JSON, data)
     model = TwoStage.load(folder)
     batch = cfg.train.eval_batch_size or cfg.train.batch_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workers = resolve_workers(cfg.train.workers, len(manifest.ok_entries), device)["workers"]
     metrics = split_metrics(model, data, folder, batch, workers)
-    stage_summaries = [_read(Path(p) / "summary.json") for p in stages.values()]
+    stage_summaries = [_read(RunFolder(p).summary) for p in stages.values()]
     summary = {
         "run_id": folder.name,
-        "kind": "two_stage",
+        "kind": TWO_STAGE,
         "status": "completed",
         "error": None,
         "model": f"two_stage[{cfg.model.name}]",
@@ -289,14 +301,15 @@ def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log
         "epochs": sum(s.get("epochs") or 0 for s in stage_summaries),
         "train_seconds": round(sum(s.get("train_seconds") or 0 for s in stage_summaries), 2),
         "warnings": warnings,
+        "config": {},
     }
-    atomic_write_json(folder / "summary.json", summary)
+    atomic_write_json(folder / SUMMARY_JSON, summary)
     if from_run is not None:
-        atomic_write_json(folder / "comparison.json", compare(folder, summary, from_run, data))
-    meta = {"format": FORMAT, "kind": "two_stage", "labels": labels, "definition": TWO_STAGE_JSON}
+        atomic_write_json(folder / COMPARISON_JSON, compare(folder, summary, from_run, data))
+    meta = {"format": FORMAT, "kind": TWO_STAGE, "labels": labels, "definition": TWO_STAGE_JSON}
     if model.preprocessing is not None:
         meta["preprocessing"] = model.preprocessing.to_dict()
-    atomic_write_json(folder / "model.json", meta)  # last: marks a complete folder
+    atomic_write_json(folder / MODEL_JSON, meta)  # last: marks a complete folder
     test = summary["test"].get("test_accuracy")
     log(f"two-stage {folder}: completed" + (f", test accuracy {test:.4f}" if test else ""))
     return folder
@@ -304,8 +317,8 @@ def _finish(folder, manifest, manifest_path, grouped, stages, from_run, cfg, log
 
 def compare(folder: Path, summary: dict, single: str | Path, data: dict) -> dict:
     """Two-stage vs the single-stage run: val and test accuracy side by side."""
-    other = _read(Path(single) / "summary.json")
-    same = _read(Path(single) / "data.json").get("data_hash") == data["data_hash"]
+    other = _read(RunFolder(single).summary)
+    same = _read(RunFolder(single).data).get("data_hash") == data["data_hash"]
     out = {"two_stage": str(folder), "single_stage": str(single), "same_data": same}
     for split in ("val", "test"):
         key = f"{split}_accuracy"
@@ -316,8 +329,9 @@ def compare(folder: Path, summary: dict, single: str | Path, data: dict) -> dict
     return out
 
 
-def _read(path: Path) -> dict:
+def _read(read) -> dict:
+    """A best-effort read (`RunFolder.summary`, `.data`): {} when missing or broken."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read()
+    except RunFileError:
         return {}

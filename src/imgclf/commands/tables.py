@@ -75,13 +75,13 @@ def _counts(console: Console, title: str, counts: dict[str, int]) -> None:
 
 def print_run_table(runs: list, console: Console) -> None:
     """One row per run folder: model, weights, epochs, parameters, val/test accuracy, time."""
-    import json
+    from imgclf.runs.layout import RunFolder
 
     t = Table(title="runs")
     for col in ("model", "weights", "epochs", "params", "val acc", "test acc", "time"):
         t.add_column(col, justify="left" if col in ("model", "weights") else "right")
     for run in runs:
-        s = json.loads((run / "summary.json").read_text())
+        s = RunFolder(run).summary()
         val, test = s.get("val", {}), s.get("test", {})
         t.add_row(
             s.get("model", ""),

@@ -13,14 +13,7 @@ two-stage folder).
 A saved ensemble is a run-like folder, `runs/<name>/` (written by
 `imgclf.workflows.ensemble.save_ensemble`, which scores it on the members' split):
 
-  ensemble.json  {"format": 1, "members": [paths relative to the folder's parent], "weights",
-                 "vote", "labels"}
-  model.json     {"format": 1, "kind": "ensemble", "labels", "definition": "ensemble.json",
-                 "preprocessing" (only when every member resizes and crops alike)}
-  config.yaml    how it was built ({"kind": "ensemble", "ensemble": {...}}; not a train config)
-  data.json      the members' data.json when they all name the same manifest and data version
-  summary.json   status "completed", model "ensemble[<member models>]", val / test metrics on
-                 the members' shared split (when data.json exists), summed parameter counts
+  (files: docs/ARCHITECTURE.md, "Composite and export folders")
 """
 
 from __future__ import annotations

@@ -3,24 +3,7 @@
 `imgclf export RUN --format onnx [--opset N] [--dynamic-batch] [-o OUT_DIR]` writes the export
 folder (default `RUN/export/`), everything a server needs with no torch installed:
 
-  model.onnx         one input, one output:
-                       input  "image": float32, NCHW, RGB in 0..1, shape [N, 3, S, S] where
-                              S = preprocessing.input_size and N = 1 (or any N with
-                              --dynamic-batch), made by `onnx_preprocess.preprocess` (resize
-                              short side to round(S / crop_pct) with `interpolation`, centre
-                              crop S × S, divide by 255; see that module for the exact rules)
-                       output "probabilities": float32 [N, num_classes], softmax over
-                              `labels` in order (an ensemble's vote / a two-stage product)
-                     Normalisation ((x - mean) / std per channel) is INSIDE the graph.
-  model.json         the run's model.json keys (labels, preprocessing, spec, ...) plus
-                       "onnx": {"file": "model.onnx", "input": "image", "output":
-                       "probabilities", "dtype": "float32", "layout": "NCHW", "shape",
-                       "range": "0..1 RGB after resize+center crop", "normalisation":
-                       "inside the graph", "opset", "dynamic_batch", "exporter", "sha256",
-                       "parity": {"max_abs_diff", "tolerance", "images", "source"},
-                       "source_run"}
-  model.safetensors  single runs only: the run's weights, so the PyTorch backend can also
-                     run from the export folder (`Predictor.from_run(export_dir)`)
+(its files: docs/ARCHITECTURE.md, "Composite and export folders")
 
 model.json is written last and removed first, so a folder holding it is a complete export.
 Ensembles and two-stage folders export as ONE graph when all their members resize and crop

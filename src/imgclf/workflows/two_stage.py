@@ -14,16 +14,7 @@ Every stage is an ordinary training run (`imgclf.train.run.train`) on a derived 
 keeps the original split column, so all stages and the single-stage model see the same
 train / val / test images. The composite folder `runs/<name>/` holds:
 
-  two_stage.json   {"format": 1, "labels", "groups", "group_names", "stage1": path,
-                   "stage2": {group name: path}} (paths relative to this folder)
-  model.json       {"format": 1, "kind": "two_stage", "labels", "definition": "two_stage.json",
-                   "preprocessing" (when every stage resizes and crops alike)}
-  manifests/       coarse/ (label = group name) and group_<i>/ (that group's entries only)
-  stages/          the stage runs, ordinary run folders
-  config.yaml      {"kind": "two_stage", "groups", "base_config": the resolved config}
-  data.json        the original manifest, its data version, labels and split counts
-  summary.json     status, model "two_stage[<model>]", val / test metrics on the original split
-  comparison.json  two-stage vs single-stage (--from-run) val and test accuracy
+  (files: docs/ARCHITECTURE.md, "Composite and export folders")
 """
 
 from __future__ import annotations

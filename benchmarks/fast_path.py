@@ -9,7 +9,8 @@ same model, batch, precision (bf16 autocast on a GPU) and memory format (channel
   (a) conventional — written here: torchvision ImageFolder + Pillow DataLoader (RandomResizedCrop
       + flip, pinned memory, persistent workers) and a plain PyTorch loop;
   (b) imgclf standard — imgclf's DataLoader pipeline (the one image loader, per-sample seeds)
-      through imgclf's training loop;
+      through imgclf's training loop, its step assembled as a run assembles it
+      (`imgclf.train.step`: Fabric, precision, memory format, parameter groups, optimizer);
   (c) imgclf cached — decode-once image cache + batch augmentation on the device, same loop
       (the cache is deleted first, so its one-time build is inside the 10-epoch wall time);
   (d) synthetic — batches already on the device: the limit.
@@ -44,9 +45,9 @@ from imgclf.data.batch_aug import compare_sheet
 from imgclf.data.example import cache_dir
 from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
-from imgclf.models import build_model
+from imgclf.models import build_model, set_train_mode
 from imgclf.train.loop import EpochState, train_one_epoch
-from imgclf.train.optim import Schedule, build_optimizer
+from imgclf.train.step import assemble, prepare_model, seed_everything, setup_stage
 
 from photos import dataset
 
@@ -161,25 +162,23 @@ def imgclf_pipeline(args, folder: Path, cache: str, workers: int, device) -> dic
         ],
     )
     manifest, _ = prepare(cfg.data, progress=False)
-    torch.manual_seed(0)
+    parts = assemble(cfg)  # on a GPU: bf16 autocast, channels_last, as a run trains
+    device, channels_last = parts.device, parts.channels_last
+    seed_everything(0)
     clock = Clock(device)
-    model, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
-    model = model.to(device)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    stage = cfg.train.stages[0]
-    opt = build_optimizer([{"params": model.parameters()}], stage, device.type)
+    raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    raw = prepare_model(cfg, parts, raw)
     loader, sampler, val = build_loaders(cfg, manifest, pre, device=device,
                                          channels_last=channels_last)  # fmt: skip
     build = sum(x.cache.build_seconds for x in (loader, val) if hasattr(x, "cache"))
-    fabric = _Fabric(device)
-    schedule = Schedule(opt, stage, len(loader))
+    step = setup_stage(parts.fabric, raw, cfg.train.stages[0], len(loader))
+    model, opt, schedule = step.model, step.optimizer, step.schedule
+    set_train_mode(raw, True, cfg.train.stages[0].bn)
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         count = [0, lambda b: 0 if b["x"] is None else len(b["x"])]
         train_one_epoch(
-            fabric,
+            parts.fabric,
             model,
             clock.watch(loader, count),
             torch.nn.CrossEntropyLoss(),
@@ -191,23 +190,6 @@ def imgclf_pipeline(args, folder: Path, cache: str, workers: int, device) -> dic
         )
         clock.end_epoch(count[0])
     return {**clock.figures(), "cache_build_s": build}
-
-
-class _Fabric:
-    """The three Fabric calls the loop makes, with bf16 autocast on a GPU — no strategy layer,
-    so (b)/(c) and (a) differ only in their data pipelines."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.world_size = device, 1
-
-    def no_backward_sync(self, model, enabled=True):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def backward(self, loss):
-        loss.backward()
-
-    def clip_gradients(self, model, optimizer, max_norm):
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def synthetic(args, device) -> dict:

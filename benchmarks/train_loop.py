@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from imgclf.config import ModelConfig, StageConfig
 from imgclf.models import build_model, param_groups
 from imgclf.train.loop import EpochState, train_one_epoch
-from imgclf.train.optim import Schedule, build_optimizer
+from imgclf.train.optim import build_optimizer
+from imgclf.train.step import setup_stage
 
 
 def make_batches(n: int, batch: int, size: int, classes: int, device: torch.device):
@@ -66,11 +67,8 @@ def plain_loop(model, stage, batches, autocast, channels_last) -> float:
 
 
 def imgclf_loop(model, stage, batches, fabric, channels_last) -> float:
-    wrapped = fabric.setup_module(model)
-    opt = fabric.setup_optimizers(
-        build_optimizer(param_groups(model, stage), stage, fabric.device.type)
-    )
-    schedule = Schedule(opt, stage, len(batches))
+    step = setup_stage(fabric, model, stage, len(batches))  # as every imgclf trainer sets up
+    wrapped, opt, schedule = step.model, step.optimizer, step.schedule
     loader = [{"x": x, "y": y, "index": None, "bad": []} for x, y in batches]
     model.train()
     sync = torch.cuda.synchronize if fabric.device.type == "cuda" else (lambda: None)

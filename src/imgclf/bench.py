@@ -26,9 +26,17 @@ from imgclf.config import RunConfig
 from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.errors import ImgclfError
-from imgclf.models import apply_trainable, build_model, param_groups
+from imgclf.models import build_model
 from imgclf.train.loop import EpochState, train_one_epoch
-from imgclf.train.optim import Schedule, build_optimizer
+from imgclf.train.step import (
+    assemble,
+    maybe_compile,
+    prepare_model,
+    resolve_precision,
+    seed_everything,
+    setup_stage,
+    use_channels_last,
+)
 
 Log = Callable[[str], None]
 PIPELINES = ("standard", "cached", "synthetic")
@@ -69,34 +77,23 @@ def bench_train(
     log: Log = print,
 ) -> list[dict]:
     """One row per pipeline: first-step seconds, cache build seconds, steady images/s."""
-    from lightning.fabric import Fabric
-
-    from imgclf.train.run import resolve_precision, seed_everything
-
     unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
         raise ImgclfError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
     manifest, _ = prepare(cfg.data, progress=False)
-    fabric = Fabric(accelerator=cfg.train.accelerator, devices=1, precision=resolve_precision(cfg))
-    device = fabric.device
-    channels_last = (
-        cfg.train.channels_last if cfg.train.channels_last is not None else device.type == "cuda"
-    )
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    parts = assemble(cfg)  # one process, whatever WORLD_SIZE says
+    fabric, device, channels_last = parts.fabric, parts.device, parts.channels_last
     rows = []
     for name in pipelines:
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
         model, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = prepare_model(cfg, parts, model)
         stage = cfg.train.stages[0]
-        apply_trainable(model, stage.trainable)
-        wrapped = fabric.setup_module(torch.compile(model) if cfg.train.compile else model)
-        optimizer = fabric.setup_optimizers(
-            build_optimizer(param_groups(model, stage), stage, device.type)
+        built = setup_stage(
+            fabric, model, stage, steps + warmup + 1, compiled=maybe_compile(cfg, model)
         )
+        wrapped, optimizer, schedule = built.model, built.optimizer, built.schedule
         build_seconds = 0.0
         if name == "synthetic":
             batches = _synthetic(cfg, pre.input_size, len(manifest.labels), device)
@@ -109,7 +106,6 @@ def bench_train(
             )
             build_seconds = _cache_seconds(loader) + _cache_seconds(val)
             loader = _epochs(loader, sampler)
-        schedule = Schedule(optimizer, stage, steps + warmup + 1)
         it = iter(loader)
 
         def run(n: int, sync_every: int, it=it, wrapped=wrapped, optimizer=optimizer,
@@ -144,10 +140,7 @@ def bench_train(
 
 def describe(cfg: RunConfig) -> dict[str, Any]:
     """What every figure depends on, printed with it."""
-    from imgclf.train.run import resolve_precision
-
     device = "cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu"
-    channels_last = cfg.train.channels_last
     return {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -155,9 +148,7 @@ def describe(cfg: RunConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "batch_size": cfg.train.batch_size,
         "precision": resolve_precision(cfg),
-        "memory_format": "channels_last"
-        if (channels_last if channels_last is not None else device == "cuda")
-        else "contiguous",
+        "memory_format": "channels_last" if use_channels_last(cfg, device) else "contiguous",
         "augment": cfg.train.augment.preset,
     }
 

@@ -1,5 +1,6 @@
-"""Stages × epochs around the loop: trainable policy, optimizer and schedule per stage,
-validation, best weights, early stopping, checkpoints, and resume from any saved position."""
+"""Stages × epochs around the loop: each stage's step (`train/step.py`: trainable policy,
+optimizer, schedule), validation, best weights, early stopping, checkpoints, and resume from
+any saved position."""
 
 from __future__ import annotations
 
@@ -13,13 +14,7 @@ from torch import nn
 
 from imgclf.config import StageConfig, TrainConfig
 from imgclf.metric_names import lower_is_better
-from imgclf.models import (
-    apply_trainable,
-    count_parameters,
-    optimizer_state_numel,
-    param_groups,
-    set_train_mode,
-)
+from imgclf.models import count_parameters, optimizer_state_numel, set_train_mode
 from imgclf.runs.checkpoint import load_state_strict, rng_state, save_checkpoint, set_rng_state
 from imgclf.runs.record import RunDir
 from imgclf.train.distributed import gather_objects
@@ -32,7 +27,7 @@ from imgclf.train.loop import (
     worker_deaths,
 )
 from imgclf.train.loop import train_one_epoch as run_epoch
-from imgclf.train.optim import Schedule, build_optimizer, describe_groups
+from imgclf.train.step import setup_stage
 
 
 @dataclass
@@ -114,23 +109,19 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
 
 
 def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
-    summary = apply_trainable(ctx.raw_model, stage.trainable)
-    ctx.log(
-        f"stage {stage.name or ''}: trainable={stage.trainable} "
-        f"({summary['trainable']:,} trainable / {summary['frozen']:,} frozen parameters)"
-    )
     ctx.model = None  # the previous stage's DDP wrapper and its gradient hooks go first
-    module = ctx.raw_model if ctx.compiled is None else ctx.compiled
-    ctx.model = ctx.fabric.setup_module(module)
-    optimizer = build_optimizer(param_groups(ctx.raw_model, stage), stage, ctx.fabric.device.type)
-    ctx.log(describe_groups(optimizer.param_groups))
-    optimizer = ctx.fabric.setup_optimizers(optimizer)
-    if _uses_cache(ctx, stage):
-        _prepare_features(ctx)
-        steps = ctx.features.steps_per_epoch(ctx.cfg.batch_size)
-    else:
-        steps = math.ceil(_epoch_batches(ctx, ctx.sampler.epoch) / ctx.cfg.accumulate)
-    schedule = Schedule(optimizer, stage, steps)
+
+    def steps_per_epoch() -> int:
+        if _uses_cache(ctx, stage):
+            _prepare_features(ctx)
+            return ctx.features.steps_per_epoch(ctx.cfg.batch_size)
+        return math.ceil(_epoch_batches(ctx, ctx.sampler.epoch) / ctx.cfg.accumulate)
+
+    step = setup_stage(
+        ctx.fabric, ctx.raw_model, stage, steps_per_epoch, compiled=ctx.compiled, log=ctx.log
+    )
+    ctx.model = step.model
+    optimizer, schedule = step.optimizer, step.schedule
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])

@@ -1,5 +1,6 @@
 """`imgclf lr-find`: the learning-rate range test on a run's first stage, with its real data,
-model, trainable policy, optimizer and loss. Nothing is written but the plot."""
+model, trainable policy, optimizer and loss, on the device, precision and memory format a run
+would use (`train/step.py`). Nothing is written but the plot."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ import torch
 from imgclf.config import RunConfig
 from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
-from imgclf.models import apply_trainable, build_model, param_groups, set_train_mode
+from imgclf.models import build_model, set_train_mode
 from imgclf.progress import progress_bar
 from imgclf.train.losses import build_loss
 from imgclf.train.lr_find import LRFindResult, lr_find, plot_lr_find
-from imgclf.train.optim import build_optimizer
-from imgclf.train.run import seed_everything
+from imgclf.train.step import assemble, prepare_model, seed_everything, setup_stage
 
 
 def find_lr(
@@ -29,29 +29,38 @@ def find_lr(
     progress: bool = True,
 ) -> LRFindResult:
     """Sweep the first stage's lr exponentially; save the loss-vs-lr plot; return the result."""
+    parts = assemble(cfg)
+    fabric, device = parts.fabric, parts.device
     seed_everything(cfg.seed)
     manifest, _ = prepare(cfg.data, progress=progress)
-    model, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    raw = prepare_model(cfg, parts, raw)
     stage = cfg.train.stages[0]
-    apply_trainable(model, stage.trainable)
-    set_train_mode(model, True, stage.bn)
-    groups = param_groups(model, stage)
-    ratios = [g["lr"] / stage.lr for g in groups]  # keep discriminative multipliers
-    optimizer = build_optimizer(groups, stage)
-    train_loader, _, _ = build_loaders(cfg, manifest, pre)
+    # No schedule: the sweep sets every group's lr itself.
+    built = setup_stage(fabric, raw, stage, None)
+    model, optimizer = built.model, built.optimizer
+    set_train_mode(raw, True, stage.bn)
+    # keep discriminative multipliers
+    ratios = [g["lr"] / stage.lr for g in optimizer.param_groups]
+    train_loader, _, _ = build_loaders(
+        cfg, manifest, pre, device=device, channels_last=parts.channels_last
+    )
     counts = torch.bincount(
         torch.tensor(train_loader.dataset.targets), minlength=len(manifest.labels)
     )
-    loss_fn = build_loss(cfg.train, counts.tolist())
+    loss_fn = build_loss(cfg.train, counts.tolist()).to(device)
     batches = (b for b in itertools.cycle(train_loader) if b["x"] is not None)
 
     def step(lr: float) -> float:
         for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
         batch = next(batches)
-        loss = loss_fn(model(batch["x"]), batch["y"])
+        x = batch["x"].to(device, non_blocking=True)
+        if parts.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = loss_fn(model(x), batch["y"].to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        fabric.backward(loss)
         optimizer.step()
         return loss.item()
 

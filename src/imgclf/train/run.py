@@ -6,10 +6,10 @@ after checking that the config and the data are the ones it started with.
 
 from __future__ import annotations
 
-import random
 import signal
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +42,13 @@ from imgclf.runs.record import (
     environment,
     new_run_id,
 )
-from imgclf.train.distributed import World, check_config, make_fabric, world_from_env
+from imgclf.train.distributed import World, check_config, world_from_env
 from imgclf.train.features import FeatureCache, StageFeatures, default_cache_root
 from imgclf.train.finalize import finalize
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag
 from imgclf.train.losses import batch_mixer, build_loss, describe_imbalance, imbalance_record
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from imgclf.train.step import StepParts, assemble, maybe_compile, prepare_model, seed_everything
 
 
 def train(
@@ -86,7 +81,8 @@ def train(
         checkpoint = load_checkpoint(run.path / CHECKPOINT)
     assert cfg is not None
     check_config(cfg, world)
-    fabric = make_fabric(cfg, world, resolve_precision(cfg))
+    parts = assemble(cfg, world)
+    fabric = parts.fabric
     manifest, manifest_dir = _prepare_data(cfg, fabric, progress)
     # After the data (rank 0 alone scans): every rank's generators start from the same point.
     seed_everything(cfg.seed + world.rank)
@@ -115,22 +111,34 @@ def train(
         run.writer = world.is_zero
         state = restore(checkpoint, model, run.path / CHECKPOINT, world.rank, world.size, log)
         log(f"resuming {run.id} at stage {state.stage}, epoch {state.epoch}")
-    random_backbone = _random_backbone(cfg, model, warm)
-    return _fit_and_finish(
-        fabric,
-        on_epoch,
-        cfg,
-        run,
-        manifest,
-        model,
-        pre,
-        state,
-        checkpoint,
-        identity,
-        progress,
-        log,
-        random_backbone,
+    started = _Started(
+        cfg=cfg,
+        run=run,
+        manifest=manifest,
+        model=model,
+        pre=pre,
+        identity=identity,
+        state=state,
+        checkpoint=checkpoint,
+        random_backbone=_random_backbone(cfg, model, warm),
     )
+    return _fit_and_finish(started, parts, progress=progress, log=log, on_epoch=on_epoch)
+
+
+@dataclass
+class _Started:
+    """What `train` settled before fitting: the run folder, its data and model, and where
+    fitting starts (a fresh state, or the checkpoint it resumes from)."""
+
+    cfg: RunConfig
+    run: RunDir
+    manifest: Manifest
+    model: torch.nn.Module
+    pre: Any  # the model's preprocessing
+    identity: dict[str, Any]  # config and data hashes, labels, spec: saved in every checkpoint
+    state: FitState
+    checkpoint: dict | None
+    random_backbone: str  # why the backbone starts from random weights ("" when it does not)
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -160,33 +168,10 @@ def _prepare_data(cfg: RunConfig, fabric, progress: bool):
     return result or prepare(cfg.data, read_only=True)
 
 
-def _fit_and_finish(
-    fabric,
-    on_epoch,
-    cfg,
-    run,
-    manifest,
-    model,
-    pre,
-    state,
-    checkpoint,
-    identity,
-    progress,
-    log,
-    random_backbone: str,
-):
-    channels_last = (
-        cfg.train.channels_last
-        if cfg.train.channels_last is not None
-        else fabric.device.type == "cuda"
-    )
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if fabric.device.type == "cuda":
-        # Fixed input sizes: let cuDNN time its algorithms once and keep the fastest.
-        torch.backends.cudnn.benchmark = True
+def _fit_and_finish(started: _Started, parts: StepParts, *, progress: bool, log, on_epoch):
+    cfg, run, manifest, pre = started.cfg, started.run, started.manifest, started.pre
+    fabric, channels_last = parts.fabric, parts.channels_last
+    model = prepare_model(cfg, parts, started.model)
     with fabric.rank_zero_first():  # rank 0 builds the image cache, the others reuse it
         train_loader, sampler, val_loader = build_loaders(
             cfg,
@@ -200,7 +185,7 @@ def _fit_and_finish(
             progress=progress,
         )
     counts = np.bincount(train_loader.dataset.targets, minlength=len(manifest.labels)).tolist()
-    if checkpoint is None:  # said once, at the start; a resumed run has it in data.json
+    if started.checkpoint is None:  # said once, at the start; a resumed run has it in data.json
         _record_imbalance(run, cfg, counts, list(manifest.labels.names), log)
     ctx = FitContext(
         fabric=fabric,
@@ -211,23 +196,23 @@ def _fit_and_finish(
         loss_fn=build_loss(cfg.train, counts).to(fabric.device),
         cfg=cfg.train,
         run=run,
-        identity=identity,
+        identity=started.identity,
         mixer=batch_mixer(cfg.train, len(manifest.labels)),
         channels_last=channels_last,
         stop=StopFlag(shared=fabric.world_size > 1),
         log=log,
         on_epoch=on_epoch,
-        features=_stage_features(cfg, pre, identity["data"]),
-        compiled=torch.compile(model) if cfg.train.compile else None,
+        features=_stage_features(cfg, pre, started.identity["data"]),
+        compiled=maybe_compile(cfg, model),
         data_advice=_data_advice(cfg, train_loader, fabric.device.type, fabric.world_size),
-        random_backbone=random_backbone,
+        random_backbone=started.random_backbone,
     )
     with run.lock():
-        if checkpoint is not None and run.writer:
+        if started.checkpoint is not None and run.writer:
             stale = remove_temps(run.path)  # what a killed writer left; the lock makes it ours
             if stale:
                 log(f"removed {len(stale)} temporary file(s) left by the interrupted process")
-        return _fit_guarded(ctx, cfg, run, manifest, state, checkpoint, progress, log)
+        return _fit_guarded(ctx, started, progress=progress, log=log)
 
 
 def _data_advice(cfg: RunConfig, train_loader, device: str, world: int) -> str:
@@ -247,8 +232,9 @@ def _data_advice(cfg: RunConfig, train_loader, device: str, world: int) -> str:
     return "the batches are already cached on the device: try a larger train.batch_size"
 
 
-def _fit_guarded(ctx: FitContext, cfg, run: RunDir, manifest, state, checkpoint, progress, log):
+def _fit_guarded(ctx: FitContext, started: _Started, *, progress: bool, log):
     """`fit` with every way out recorded: completed, interrupted, pruned, diverged, failed."""
+    cfg, run, manifest, state = started.cfg, started.run, started.manifest, started.state
     # Training time adds up over resumes (what ran after the last checkpoint is done again).
     ctx.started = t0 = time.perf_counter() - state.train_seconds
 
@@ -265,7 +251,7 @@ def _fit_guarded(ctx: FitContext, cfg, run: RunDir, manifest, state, checkpoint,
 
     try:
         with _interruptible(ctx.stop, log), _progress(ctx, progress):
-            state = fit(ctx, state, resume=checkpoint)
+            state = fit(ctx, state, resume=started.checkpoint)
     except KeyboardInterrupt:  # a second Ctrl-C: record it, write nothing else, stop
         summary = run.read_json(SUMMARY_JSON)
         run.write_json(SUMMARY_JSON, {**summary, "status": "interrupted", "error": "second Ctrl-C"})
@@ -297,14 +283,6 @@ def _stage_features(cfg: RunConfig, pre, data_hash: str) -> StageFeatures | None
         "max_pixels": cfg.data.scan.max_pixels,
     }
     return StageFeatures(cache, cfg.train.feature_views, cfg.seed, describe)
-
-
-def resolve_precision(cfg: RunConfig) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    if cfg.train.accelerator in ("auto", "cuda") and torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
 
 
 def _write_run_header(

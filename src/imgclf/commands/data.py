@@ -26,10 +26,10 @@ def scan(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Validate every image (full decode), write the manifest and a report."""
+    from imgclf.commands.tables import print_scan_report
     from imgclf.config import load_config
     from imgclf.data.prepare import rescan
     from imgclf.data.scan import REPORT_JSON, default_manifest_dir
-    from imgclf.commands.tables import print_scan_report
 
     cfg = load_config(config, overrides or [])
     named, out = out is not None, out or default_manifest_dir(data)
@@ -54,9 +54,9 @@ def split(
     force: Annotated[bool, typer.Option(help="recompute even if a split is given")] = False,
 ) -> None:
     """Stratified, duplicate-grouped, seeded train/val/test split (a column in the manifest)."""
+    from imgclf.commands.tables import print_split_report
     from imgclf.config import SplitConfig
     from imgclf.data.prepare import split_and_save
-    from imgclf.commands.tables import print_split_report
 
     fractions = _validated(SplitConfig, train=train, val=val, test=test, seed=seed)
     _, report = split_and_save(manifest, fractions, force=force)

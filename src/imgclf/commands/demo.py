@@ -17,13 +17,13 @@ def demo(
     overrides: Annotated[list[str] | None, typer.Argument(help="applied to both runs")] = None,
 ) -> None:
     """The embedded example end to end: digits → scan → split → a scratch CNN and Lite0."""
+    from imgclf.commands.tables import print_run_table, print_scan_report, print_split_report
     from imgclf.config import ScanConfig, SplitConfig, load_config
     from imgclf.configs import config_path
     from imgclf.data.example import digits_folder
     from imgclf.data.prepare import split_and_save
     from imgclf.data.scan import scan_to
     from imgclf.train.run import train as run_training
-    from imgclf.commands.tables import print_run_table, print_scan_report, print_split_report
 
     folder = digits_folder()
     console.rule("[bold]1. scan")

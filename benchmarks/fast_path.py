@@ -42,8 +42,8 @@ from torchvision import transforms as T
 
 from imgclf.config import AugmentConfig, load_config
 from imgclf.data.batch_aug import compare_sheet
+from imgclf.data.batches import build_loaders
 from imgclf.data.example import cache_dir
-from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.models import build_model, set_train_mode
 from imgclf.train.loop import EpochState, train_one_epoch

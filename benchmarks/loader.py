@@ -35,8 +35,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from imgclf.config import load_config
+from imgclf.data.batches import build_loaders
 from imgclf.data.example import cache_dir
-from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.models import build_model
 

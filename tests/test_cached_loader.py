@@ -10,8 +10,8 @@ they are given; the "meta" device stands in for "not where you think" on a CPU-o
 import pytest
 import torch
 
-from imgclf.data.cached_loader import DEVICE, HOST, CachedBatches, place, same_device
-from imgclf.data.pipeline import build_loaders
+from imgclf.data.batches import build_loaders
+from imgclf.data.cached_batches import DEVICE, HOST, CachedBatches, place, same_device
 from imgclf.data.prepare import prepare
 from imgclf.errors import ImgclfError
 from imgclf.models import build_model

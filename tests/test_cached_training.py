@@ -99,7 +99,7 @@ def test_bad_images_are_skipped_and_the_cache_is_reused(tmp_path, monkeypatch):
     def no_decoding(path, *a, **k):
         raise ImageLoadError(str(path), "decode", "the cache should have been used")
 
-    monkeypatch.setattr("imgclf.data.cache_build.load_image", no_decoding)
+    monkeypatch.setattr("imgclf.data.image_cache_build.load_image", no_decoding)
     logs.clear()
     again = train(cfg, progress=False, log=lambda m: logs.append(str(m)))
     assert metrics_without_time(again) == rows

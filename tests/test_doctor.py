@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from imgclf.cli import app
 from imgclf.config import load_config
-from imgclf.data.cache import ImageCache
+from imgclf.data.image_cache import ImageCache
 from imgclf.doctor import check_examples, check_gpu, check_versions
 from imgclf.train.run import train
 

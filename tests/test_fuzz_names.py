@@ -31,7 +31,7 @@ from imgclf.data.manifest import read_manifest
 from imgclf.data.prepare import split_and_save
 from imgclf.data.scan import scan_to
 from imgclf.errors import ImgclfError
-from imgclf.io import printable
+from imgclf.files import printable
 from imgclf.train.run import train
 
 import factory as fx

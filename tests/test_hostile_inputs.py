@@ -277,7 +277,7 @@ def test_scan_pool_workers_die_with_the_command(tmp_path, monkeypatch):
     script = (
         "import os, sys, time\n"
         "from concurrent.futures import ProcessPoolExecutor\n"
-        "from imgclf.io import die_with_parent\n"
+        "from imgclf.files import die_with_parent\n"
         "pool = ProcessPoolExecutor(1, initializer=die_with_parent, initargs=(os.getpid(),))\n"
         "print(pool.submit(os.getpid).result(), flush=True)\n"
         "time.sleep(600)\n"

@@ -1,5 +1,6 @@
-"""The decode-once image cache (imgclf.data.cache): build, reuse, keys, bad images, parity with
-the eval transform, disk and memory modes, interrupted and concurrent builders, a full disk."""
+"""The decode-once image cache (imgclf.data.image_cache): build, reuse, keys, bad images,
+parity with the eval transform, disk and memory modes, interrupted and concurrent builders, a
+full disk."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.data import cache_build
-from imgclf.data.cache import (
+from imgclf.data import image_cache_build
+from imgclf.data.image_cache import (
     IMAGES_FILE,
     META_FILE,
     CacheSpec,
@@ -31,7 +32,7 @@ from imgclf.data.cache import (
 from imgclf.data.images import load_image
 from imgclf.data.transforms import eval_transform
 from imgclf.errors import ImgclfError
-from imgclf.io import file_sha256
+from imgclf.files import file_sha256
 
 import factory as fx
 
@@ -70,7 +71,7 @@ def test_build_then_reuse_decodes_nothing(data, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("decoded an image although the entry was cached")
 
-    monkeypatch.setattr(cache_build, "load_image", refuse)
+    monkeypatch.setattr(image_cache_build, "load_image", refuse)
     for mode in ("disk", "memory", "auto"):
         again = build(cache, data, mode=mode)
         assert again.build_seconds == 0.0 and again.key == first.key
@@ -315,8 +316,8 @@ def test_full_disk_is_a_clear_error(data, tmp_path, monkeypatch):
 
 def test_too_little_free_space_fails_before_decoding(data, tmp_path, monkeypatch):
     free = shutil.disk_usage(tmp_path)._replace(free=estimate_bytes(9, 27) - 1)
-    monkeypatch.setattr(cache_build.shutil, "disk_usage", lambda p: free)
-    monkeypatch.setattr(cache_build, "load_image", lambda *a, **k: pytest.fail("decoded"))
+    monkeypatch.setattr(image_cache_build.shutil, "disk_usage", lambda p: free)
+    monkeypatch.setattr(image_cache_build, "load_image", lambda *a, **k: pytest.fail("decoded"))
     with pytest.raises(ImgclfError, match=r"data\.cache=none"):
         build(ImageCache(tmp_path / "c"), data)
 

@@ -4,7 +4,7 @@ and no two files import each other (directly or round a circle) across packages.
 The import graph is read with `ast` from the source, so it holds every import: module level,
 inside functions and under `if TYPE_CHECKING:` alike (a lazy import is still a dependency).
 A "package" is the first name under imgclf: `imgclf.train.run` is in `train`, the single-file
-`imgclf.io` is `io`, and `imgclf` itself (`__version__`) is `imgclf`.
+`imgclf.files` is `files`, and `imgclf` itself (`__version__`) is `imgclf`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ FLOORS: list[set[str]] = [
     {
         "imgclf",
         "errors",
-        "io",
+        "files",
         "config",
         "configs",
         "metric_names",
@@ -46,9 +46,9 @@ FLOORS: list[set[str]] = [
 # File circles inside one package that are known and allowed, each with its reason. Circles
 # across packages have no exceptions.
 KNOWN_FILE_CYCLES = {
-    # cache.py builds a missing cache entry on first use through a function-level import of
-    # cache_build.build_entry; cache_build needs cache.py's layout helpers (paths, keys).
-    frozenset({"imgclf.data.cache", "imgclf.data.cache_build"}),
+    # image_cache.py builds a missing entry on first use through a function-level import of
+    # image_cache_build.build_entry, which needs image_cache.py's layout helpers (paths, keys).
+    frozenset({"imgclf.data.image_cache", "imgclf.data.image_cache_build"}),
 }
 
 
@@ -270,8 +270,10 @@ def test_checker_sees_an_upward_import_under_type_checking(tmp_path):
 def test_checker_sees_a_relative_import_and_an_unplaced_package(tmp_path):
     root = _tree(
         tmp_path,
-        {"imgclf.io": "from .sweep import runner\n", "imgclf.newpkg": "import imgclf.errors\n"},
+        {"imgclf.files": "from .sweep import runner\n", "imgclf.newpkg": "import imgclf.errors\n"},
     )
     problems = layering_problems(import_graph(root))
-    assert "imgclf.io (floor 0) imports imgclf.sweep.runner (floor 5), a higher floor" in problems
+    assert (
+        "imgclf.files (floor 0) imports imgclf.sweep.runner (floor 5), a higher floor" in problems
+    )
     assert any("package 'newpkg' is on no floor" in p for p in problems)

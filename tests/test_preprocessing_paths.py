@@ -20,7 +20,7 @@ from PIL import Image
 
 from imgclf.config import AugmentConfig
 from imgclf.data.batch_aug import BatchAugment
-from imgclf.data.cache import ImageCache
+from imgclf.data.image_cache import ImageCache
 from imgclf.data.images import load_image
 from imgclf.data.transforms import eval_transform, resolve_augment
 from imgclf.errors import ImgclfError

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from imgclf.config import RunConfig
-from imgclf.data.pipeline import build_loaders
+from imgclf.data.batches import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.errors import ImgclfError
 from imgclf.models import build_model

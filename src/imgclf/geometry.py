@@ -7,7 +7,7 @@ torchvision computes it), with `interpolation`; centre-crop input_size × input_
 `center_anchor` (round((length - crop) / 2), again halves to even); normalise with mean / std.
 
 Every consumer computes those numbers here: the CPU transforms (`data/transforms.py`, through
-torchvision's Resize and CenterCrop), the decode-once cache's stored squares (`data/cache.py`)
+torchvision's Resize and CenterCrop), the decode-once cache's stored squares (`data/image_cache.py`)
 and batch augmentation's eval crop (`data/batch_aug.py`), the torch-free ONNX preprocessing the
 server uses (`predict/onnx_preprocess.py`, through `resize_crop`). tests/test_preprocessing_paths.py
 checks that the three give the same pixels.

@@ -22,7 +22,7 @@ def _die() -> None:
 
 
 def plant(fault: str) -> None:
-    import imgclf.io as io_module
+    import imgclf.files as io_module
 
     kind, *args = fault.split(":")
     if kind == "none":

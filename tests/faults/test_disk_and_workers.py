@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import imgclf.io
+import imgclf.files
 from imgclf.config import load_config
 from imgclf.errors import ImgclfError
-from imgclf.io import is_temp_name
+from imgclf.files import is_temp_name
 from imgclf.runs.checkpoint import load_checkpoint
 from imgclf.train.run import train
 from test_train import TINY, metrics_without_time, same_weights
@@ -150,7 +150,7 @@ def test_disk_full_from_a_writer_that_gets_enospc(data, tmp_path, ref, monkeypat
         f = real_fdopen(fd, *a, **kw)
         return FullDisk(f) if full["on"] else f
 
-    monkeypatch.setattr(imgclf.io.os, "fdopen", fdopen)
+    monkeypatch.setattr(imgclf.files.os, "fdopen", fdopen)
     disk_fills_after_epoch_2(
         tmp_path / "runs",
         args_for(data, tmp_path),

@@ -20,7 +20,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from imgclf.config import load_config
-from imgclf.io import is_temp_name
+from imgclf.files import is_temp_name
 from imgclf.runs.checkpoint import load_checkpoint
 from imgclf.train.run import train
 from test_train import TINY, metrics_without_time, same_weights

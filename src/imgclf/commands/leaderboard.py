@@ -45,7 +45,7 @@ def leaderboard(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="write to this file")] = None,
 ) -> None:
     """Rank the runs in a folder: one row per run, with metrics, parameters and status."""
-    from imgclf.io import atomic_write_text
+    from imgclf.files import atomic_write_text
     from imgclf.runs.leaderboard import leaderboard as build
 
     chosen = [c.strip() for c in columns.split(",") if c.strip()] if columns else None

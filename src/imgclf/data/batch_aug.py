@@ -41,7 +41,7 @@ import torch.nn.functional as nnf
 from PIL import Image, ImageDraw
 
 from imgclf.config import AugmentConfig
-from imgclf.data.cache import CacheSpec, square_pixels
+from imgclf.data.image_cache import CacheSpec, square_pixels
 from imgclf.data.preview import _font, _text_width, to_pil
 from imgclf.data.transforms import (
     _fill,
@@ -52,8 +52,8 @@ from imgclf.data.transforms import (
     train_transform,
 )
 from imgclf.errors import ImgclfError
+from imgclf.files import atomic_write_bytes
 from imgclf.geometry import Preprocessing, center_anchor, unpack
-from imgclf.io import atomic_write_bytes
 
 # Columns of a sample's table of uniforms: a fixed layout, so no draw shifts another.
 _AREA, _RATIO, _TOP, _LEFT = slice(0, 10), slice(10, 20), 20, 21  # 10 tries, as torchvision

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imgclf.data.images import IMAGE_EXTENSIONS
 from imgclf.data.manifest import Entry, collision_key, natural_key
-from imgclf.io import printable, unusable_name
+from imgclf.files import printable, unusable_name
 
 JUNK_FILES = {
     ".ds_store": "macOS .DS_Store",

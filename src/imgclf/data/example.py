@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from imgclf.io import atomic_write_text
+from imgclf.files import atomic_write_text
 
 EXAMPLE_SIZE = 32
 

@@ -246,7 +246,7 @@ def _binary(source: Source, name: str) -> Iterator[IO[bytes]]:
     if isinstance(source, _BYTES):
         yield io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
-        from imgclf.io import NotRegularFile, open_regular
+        from imgclf.files import NotRegularFile, open_regular
 
         try:
             # A FIFO or device is refused from its stat alone, never opened (RELIABILITY 32).

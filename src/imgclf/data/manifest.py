@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.files import atomic_write_json, atomic_write_text
 
 MANIFEST_CSV = "manifest.csv"
 MANIFEST_JSON = "manifest.json"

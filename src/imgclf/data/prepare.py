@@ -27,7 +27,7 @@ from imgclf.data.manifest import (
 from imgclf.data.scan import REPORT_JSON, default_manifest_dir, scan
 from imgclf.data.split import SplitReport, compute_splits, split_manifest
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json
+from imgclf.files import atomic_write_json
 
 _SPLIT_KEYS = (*SPLITS, "seed")
 

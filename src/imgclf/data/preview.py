@@ -26,7 +26,7 @@ from imgclf.data.images import ImageLoadError, load_image
 from imgclf.data.manifest import Entry, Manifest, read_manifest
 from imgclf.data.transforms import eval_transform, train_transform
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_bytes
+from imgclf.files import atomic_write_bytes
 
 # Normalisation is undone for display, so any statistics do; 0.5 makes `fill: mean` mid-grey.
 _MEAN = _STD = (0.5, 0.5, 0.5)

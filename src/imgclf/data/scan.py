@@ -32,7 +32,7 @@ from imgclf.data.manifest import (
     write_manifest,
 )
 from imgclf.errors import ImgclfError
-from imgclf.io import (
+from imgclf.files import (
     NotRegularFile,
     atomic_write_json,
     die_with_parent,

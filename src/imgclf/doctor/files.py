@@ -17,7 +17,7 @@ from pathlib import Path
 
 from imgclf.doctor.findings import Finding, Places, human_size, name_list
 from imgclf.errors import ImgclfError
-from imgclf.io import file_sha256
+from imgclf.files import file_sha256
 from imgclf.runs.layout import CONFIG_YAML, MODEL_WEIGHTS, SUMMARY_JSON
 
 FEATURE_FILES = ("x.npy", "y.npy", "ok.npy")
@@ -25,7 +25,7 @@ FEATURE_FILES = ("x.npy", "y.npy", "ok.npy")
 # beside its target, the feature and example caches `mkdtemp(prefix=".{name}.")` folders.
 _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _TEMP_DIR = re.compile(r"^\..+\.[a-z0-9_]{8}$")
-# A builder's `host pid` inside its temporary folder (data/cache.py's ImageCache writes one).
+# A builder's `host pid` inside its temporary folder (data/image_cache.py's ImageCache writes one).
 OWNER_FILE = ".owner"
 
 
@@ -98,7 +98,7 @@ def check_image_cache(root: Path) -> list[Finding]:
     against the sha256 in its meta.json, read in 1 MiB blocks (entries can be many GB)."""
     if not root.is_dir():
         return [Finding("image cache", "ok", f"none at {root}")]
-    from imgclf.data.cache import ImageCache
+    from imgclf.data.image_cache import ImageCache
 
     cache = ImageCache(root)
     out, verified, hashed = [], [], 0
@@ -124,7 +124,7 @@ def check_image_cache(root: Path) -> list[Finding]:
 
 def _image_entry_problem(cache, entry: Path) -> tuple[str | None, int]:
     """(what is wrong with an image cache entry or None, bytes of images.u8 hashed)."""
-    from imgclf.data.cache import CACHE_FORMAT, IMAGES_FILE, META_FILE, estimate_bytes
+    from imgclf.data.image_cache import CACHE_FORMAT, IMAGES_FILE, META_FILE, estimate_bytes
 
     meta = cache.read_meta(entry.name)
     if meta is None:  # incomplete or inconsistent: say which, as read_meta does not
@@ -146,7 +146,7 @@ def _image_entry_problem(cache, entry: Path) -> tuple[str | None, int]:
 
 def _image_meta_problem(entry: Path) -> str:
     """Why ImageCache.read_meta refused an entry, in words."""
-    from imgclf.data.cache import CACHE_FORMAT, IMAGES_FILE, META_FILE, estimate_bytes
+    from imgclf.data.image_cache import CACHE_FORMAT, IMAGES_FILE, META_FILE, estimate_bytes
 
     try:
         meta = json.loads((entry / META_FILE).read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from imgclf.evaluate.metrics import MetricReport
-from imgclf.io import atomic_write_bytes
+from imgclf.files import atomic_write_bytes
 from imgclf.runs.layout import read_metrics
 
 GROUP_THRESHOLD = 0.05

@@ -27,7 +27,7 @@ import numpy as np
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import analysis
 from imgclf.evaluate.metrics import MetricReport, compute_metrics
-from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.files import atomic_write_json, atomic_write_text
 from imgclf.runs.layout import DATA_JSON, EVALUATIONS, RunFileError, RunFolder
 from imgclf.runs.layout import EVALUATION_METRICS as METRICS_JSON  # written last: marks it done
 

@@ -22,7 +22,7 @@ from typing import Any
 from imgclf.errors import ImgclfError
 from imgclf.evaluate import analysis
 from imgclf.evaluate.evaluate import evaluate_run, list_evaluations
-from imgclf.io import atomic_write_text
+from imgclf.files import atomic_write_text
 from imgclf.runs.layout import (
     COMPARISON_JSON,
     CONFIG_YAML,

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_bytes, atomic_write_json
+from imgclf.files import atomic_write_bytes, atomic_write_json
 from imgclf.predict.onnx_preprocess import preprocess_batch
 from imgclf.predict.predictor import load_predictor, read_model_json
 from imgclf.runs.layout import MODEL_JSON, MODEL_WEIGHTS, RunFolder

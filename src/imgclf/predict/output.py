@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_text, printable
+from imgclf.files import atomic_write_text, printable
 
 FORMATS = ("csv", "jsonl")
 _SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}

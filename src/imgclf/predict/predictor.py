@@ -27,7 +27,7 @@ from imgclf.data.images import DEFAULT_MIN_SIDE, load_image
 from imgclf.data.loaders import PathsDataset, make_loader
 from imgclf.data.transforms import eval_transform, multicrop_transform
 from imgclf.errors import ImgclfError
-from imgclf.io import unusable_name
+from imgclf.files import unusable_name
 from imgclf.models import Preprocessing, model_from_spec
 from imgclf.predict.loading import loader_for, register_loader
 from imgclf.runs.checkpoint import load_state_strict, load_weights

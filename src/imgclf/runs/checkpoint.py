@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from imgclf.errors import ImgclfError, torch_load_reason
-from imgclf.io import atomic_write_bytes
+from imgclf.files import atomic_write_bytes
 from imgclf.runs.layout import CHECKPOINT
 
 CHECKPOINT_FORMAT = 1

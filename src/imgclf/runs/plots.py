@@ -12,7 +12,7 @@ import itertools
 
 import matplotlib.pyplot as plt
 
-from imgclf.io import atomic_write_bytes
+from imgclf.files import atomic_write_bytes
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> Path | None:

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from imgclf.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from imgclf.runs.layout import (
     CONFIG_YAML,
     LOCK,

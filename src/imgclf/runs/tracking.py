@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from imgclf.config import TrackingConfig
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json
+from imgclf.files import atomic_write_json
 from imgclf.progress import Advance, progress_bar
 from imgclf.runs.layout import (
     CONFIG_YAML,

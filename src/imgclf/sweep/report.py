@@ -23,7 +23,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_text
+from imgclf.files import atomic_write_text
 from imgclf.runs.layout import RunFileError, RunFolder
 from imgclf.sweep.spec import SWEEPS_DIR, default_storage, sweep_folder
 from imgclf.sweep.storage import display_url, open_storage

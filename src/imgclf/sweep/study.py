@@ -32,7 +32,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json
+from imgclf.files import atomic_write_json
 from imgclf.runs.layout import SUMMARY_JSON, RunFileError, RunFolder, read_json
 from imgclf.sweep.space import base_tree, check_space, plan
 from imgclf.sweep.spec import SweepConfig, default_storage, sweep_folder

@@ -20,7 +20,7 @@ from imgclf.config import RunConfig, resolve
 from imgclf.data.manifest import Manifest
 from imgclf.data.preview import augmented_batch
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_text
+from imgclf.files import atomic_write_text
 from imgclf.models import Preprocessing
 from imgclf.predict.predictor import Predictions, Predictor
 from imgclf.progress import progress_bar

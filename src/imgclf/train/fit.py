@@ -18,7 +18,7 @@ from imgclf.models import count_parameters, optimizer_state_numel, set_train_mod
 from imgclf.runs.checkpoint import load_state_strict, rng_state, save_checkpoint, set_rng_state
 from imgclf.runs.record import RunDir
 from imgclf.train.distributed import gather_objects
-from imgclf.train.features import StageFeatures, head_probs, labels_of, train_head_epoch
+from imgclf.train.feature_cache import StageFeatures, head_probs, labels_of, train_head_epoch
 from imgclf.train.loop import (
     EpochState,
     StopFlag,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from imgclf.config import RunConfig
-from imgclf.data.pipeline import build_loaders
+from imgclf.data.batches import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.models import build_model, set_train_mode
 from imgclf.progress import progress_bar

@@ -18,13 +18,13 @@ import torch
 import yaml
 
 from imgclf.config import RunConfig, TrainConfig, dump_yaml, resolve, validate
+from imgclf.data.batches import build_loaders
 from imgclf.data.loaders import resolve_workers
 from imgclf.data.manifest import Manifest
-from imgclf.data.pipeline import build_loaders
 from imgclf.data.prepare import prepare
 from imgclf.data.transforms import resolve_augment
 from imgclf.errors import ImgclfError
-from imgclf.io import remove_temps
+from imgclf.files import remove_temps
 from imgclf.metric_names import unmeasured
 from imgclf.models import build_model, count_parameters, model_size_mb
 from imgclf.runs.checkpoint import CHECKPOINT, load_checkpoint, load_state_strict, load_weights
@@ -43,7 +43,7 @@ from imgclf.runs.record import (
     new_run_id,
 )
 from imgclf.train.distributed import World, check_config, world_from_env
-from imgclf.train.features import FeatureCache, StageFeatures, default_cache_root
+from imgclf.train.feature_cache import FeatureCache, StageFeatures, default_cache_root
 from imgclf.train.finalize import finalize
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag

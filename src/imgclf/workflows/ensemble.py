@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.files import atomic_write_json, atomic_write_text
 from imgclf.predict.ensemble import FORMAT, Ensemble
 from imgclf.predict.predictor import read_model_json
 from imgclf.runs.layout import (

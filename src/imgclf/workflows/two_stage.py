@@ -32,7 +32,7 @@ from imgclf.config import RunConfig, resolve, validate
 from imgclf.data.loaders import resolve_workers
 from imgclf.data.manifest import Entry, LabelMap, Manifest, write_manifest
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, atomic_write_text
+from imgclf.files import atomic_write_json, atomic_write_text
 from imgclf.predict.two_stage import FORMAT, TwoStage, group_name
 from imgclf.runs.layout import (
     COMPARISON_JSON,

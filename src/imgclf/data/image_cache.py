@@ -16,7 +16,7 @@ output pixel for pixel, which is why `size` is part of the key and not only `sto
 
 An entry is `<root>/<key>/images.u8` (raw N×S×S×3 uint8, C order, no header) and `meta.json`
 (format, n, stored, size, interpolation, ok, reasons, paths digest, sha256 of images.u8). It
-is written by `imgclf.data.cache_build` in a temporary folder `.<key>.XXXXXXXX` beside it
+is written by `imgclf.data.image_cache_build` in a temporary folder `.<key>.XXXXXXXX` beside it
 (images through a memory-mapped, preallocated file) and renamed into place, so a crash never
 leaves an entry that looks complete; a builder that loses a race for the same key uses the
 winner's entry.
@@ -209,7 +209,7 @@ class ImageCache:
         t0 = time.perf_counter()
         paths = [os.path.join(os.fspath(data_root), p) for p in rel_paths]
         # Imported here: the builder imports this module for the entry's format.
-        from imgclf.data.cache_build import build_entry
+        from imgclf.data.image_cache_build import build_entry
 
         build_entry(self, key, paths, rel_paths, data_version, spec, workers, progress, log)
         seconds = time.perf_counter() - t0

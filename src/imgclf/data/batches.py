@@ -8,7 +8,7 @@ import torch
 
 from imgclf.config import RunConfig
 from imgclf.data.batch_aug import BatchAugment
-from imgclf.data.cached_loader import CachedBatches, open_caches, place
+from imgclf.data.cached_batches import CachedBatches, open_caches, place
 from imgclf.data.loaders import (
     EpochSampler,
     ManifestDataset,
@@ -38,7 +38,7 @@ def build_loaders(
     Under `world` processes each rank loads its share of every global batch and the whole
     validation set (every rank validates the same weights; rank 0's metrics are used). With
     `data.cache` on (and a `device`), batches come from the decode-once image cache and are
-    augmented on the device (`data/cached_loader.py`).
+    augmented on the device (`data/cached_batches.py`).
     """
     size, t = pre.input_size, cfg.train
     # The model's whole preprocessing: the preset "none" train crop is the eval crop (crop_pct).

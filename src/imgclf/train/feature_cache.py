@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from imgclf.data.loaders import ManifestDataset, make_loader
-from imgclf.io import file_sha256
+from imgclf.files import file_sha256
 from imgclf.runs.checkpoint import digest
 
 FEATURE_FORMAT = 1

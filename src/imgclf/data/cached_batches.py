@@ -140,7 +140,7 @@ class CachedBatches:
 
 def open_caches(cfg, manifest, datasets, pre, *, log, progress: bool) -> list:
     """The decode-once cache entry of each dataset (built on first use, reused after)."""
-    from imgclf.data.cache import ImageCache
+    from imgclf.data.image_cache import ImageCache
 
     cache = ImageCache(cfg.data.cache_dir)
     budget = int(cfg.data.cache_memory_gb * 2**30) if cfg.data.cache_memory_gb else None

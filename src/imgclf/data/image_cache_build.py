@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.data.cache import (
+from imgclf.data.image_cache import (
     CACHE_FORMAT,
     IMAGES_FILE,
     META_FILE,
@@ -37,7 +37,7 @@ from imgclf.data.cache import (
 )
 from imgclf.data.images import ImageLoadError, load_image
 from imgclf.errors import ImgclfError
-from imgclf.io import atomic_write_json, die_with_parent, file_sha256
+from imgclf.files import atomic_write_json, die_with_parent, file_sha256
 
 OWNER_FILE = ".owner"  # host and pid of the builder, inside its temporary folder only
 

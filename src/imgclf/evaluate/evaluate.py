@@ -28,6 +28,7 @@ from imgclf.errors import ImgclfError
 from imgclf.evaluate import analysis
 from imgclf.evaluate.metrics import MetricReport, compute_metrics
 from imgclf.files import atomic_write_json, atomic_write_text
+from imgclf.predict.output import write_csv
 from imgclf.runs.layout import DATA_JSON, EVALUATIONS, RunFileError, RunFolder
 from imgclf.runs.layout import EVALUATION_METRICS as METRICS_JSON  # written last: marks it done
 
@@ -246,31 +247,18 @@ def _write_analysis(folder, run, source, report: MetricReport, probs, targets, s
 
 def _write_predictions(folder: Path, samples, rows: dict[int, int], probs, labels) -> None:
     """One row per image: path, true label, prediction, confidence, status, p_<class>…"""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
     head = ["path", "label", "predicted", "confidence", "p_true", "loss", "correct", "status"]
-    w.writerow(head + [f"p_{n}" for n in labels])
+    out = []
     for i, s in enumerate(samples):
-        if i not in rows:
-            w.writerow([s.path, s.label, "", "", "", "", "", s.status])
-            continue
-        p = probs[rows[i]]
-        k, t = int(p.argmax()), labels.index(s.label)
-        loss = -math.log(max(float(p[t]), 1e-12))
-        w.writerow(
-            [
-                s.path,
-                s.label,
-                labels[k],
-                f"{p[k]:.6f}",
-                f"{p[t]:.6f}",
-                f"{loss:.6f}",
-                int(k == t),
-                "ok",
-                *(f"{v:.6f}" for v in p),
-            ]
-        )
-    atomic_write_text(folder / "predictions.csv", buf.getvalue())
+        row = {"path": s.path, "label": s.label, "status": s.status}
+        if i in rows:
+            p = [float(v) for v in probs[rows[i]]]
+            k, t = max(range(len(p)), key=p.__getitem__), labels.index(s.label)
+            row.update(predicted=labels[k], confidence=p[k], p_true=p[t], status="ok")
+            row.update(loss=-math.log(max(p[t], 1e-12)), correct=int(k == t))
+            row.update({f"p_{n}": v for n, v in zip(labels, p, strict=True)})
+        out.append(row)
+    write_csv(folder / "predictions.csv", out, head + [f"p_{n}" for n in labels])
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:

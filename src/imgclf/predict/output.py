@@ -109,6 +109,12 @@ def _csv_value(v: Any) -> str:
     return f"{v:.6f}" if isinstance(v, float) else str(v)
 
 
+def write_csv(path: Path, rows: Sequence[dict], cols: Sequence[str]) -> None:
+    """The one predictions-CSV writer (predict, a run's predictions/, evaluations): every row
+    has every column (a missing value is empty), floats with 6 decimals; written atomically."""
+    atomic_write_text(path, render(rows, cols, "csv"))
+
+
 def write_rows(rows: Sequence[dict], cols: Sequence[str], out: Path | None, fmt: str) -> None:
     """To the file (atomically: never a half-written result) or to standard output."""
     text = render(rows, cols, fmt)

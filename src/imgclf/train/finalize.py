@@ -10,8 +10,6 @@ Predictions are made by the same `Predictor` that later rebuilds the run from it
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import torch
@@ -20,8 +18,8 @@ from imgclf.config import RunConfig, resolve
 from imgclf.data.manifest import Manifest
 from imgclf.data.preview import augmented_batch
 from imgclf.errors import ImgclfError
-from imgclf.files import atomic_write_text
 from imgclf.models import Preprocessing
+from imgclf.predict.output import write_csv
 from imgclf.predict.predictor import Predictions, Predictor
 from imgclf.progress import progress_bar
 from imgclf.runs.layout import MODEL_JSON, MODEL_WEIGHTS, PLOTS, PREDICTIONS, SUMMARY_JSON
@@ -148,25 +146,17 @@ def write_predictions(
     true_labels: list[str] | None = None,
 ) -> None:
     """path, label, predicted, confidence, status, then one probability column per class."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "predicted", "confidence", "status", *(f"p_{n}" for n in labels)])
+    cols = ["path", "label", "predicted", "confidence", "status", *(f"p_{n}" for n in labels)]
     row_of = {i: r for r, i in enumerate(preds.ok)}
+    rows = []
     for i, rel in enumerate(rel_paths):
-        label = true_labels[i] if true_labels else ""
+        row = {"path": rel, "label": true_labels[i] if true_labels else ""}
         if i in row_of:
-            p = preds.probs[row_of[i]]
-            k = int(p.argmax())
-            w.writerow(
-                [
-                    rel,
-                    label,
-                    labels[k],
-                    f"{p[k].item():.6f}",
-                    "ok",
-                    *(f"{v:.6f}" for v in p.tolist()),
-                ]
-            )
+            p = preds.probs[row_of[i]].tolist()
+            k = max(range(len(p)), key=p.__getitem__)  # argmax, first of ties as torch's
+            row.update(predicted=labels[k], confidence=p[k], status="ok")
+            row.update({f"p_{n}": v for n, v in zip(labels, p, strict=True)})
         else:
-            w.writerow([rel, label, "", "", f"error: {preds.errors.get(i, 'unknown')}"])
-    atomic_write_text(path, buf.getvalue())
+            row["status"] = f"error: {preds.errors.get(i, 'unknown')}"
+        rows.append(row)
+    write_csv(path, rows, cols)

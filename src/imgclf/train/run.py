@@ -42,7 +42,7 @@ from imgclf.runs.record import (
     environment,
     new_run_id,
 )
-from imgclf.train.distributed import World, check_config, world_from_env
+from imgclf.train.distributed import World, check_config, end_process_group, world_from_env
 from imgclf.train.feature_cache import FeatureCache, StageFeatures, default_cache_root
 from imgclf.train.finalize import finalize
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
@@ -64,6 +64,13 @@ def train(
 
     Under torchrun every rank calls this; see `train/distributed.py` for who writes what.
     """
+    try:
+        return _train(cfg, resume, force, progress, log, on_epoch)
+    finally:
+        end_process_group()
+
+
+def _train(cfg: RunConfig | None, resume, force: bool, progress: bool, log, on_epoch) -> Path:
     world = world_from_env()
     if not world.is_zero:
         progress, log = False, _silent

@@ -442,3 +442,25 @@ def test_make_class_folder(tmp_path):
     assert files == [f"{c}/{c}_{i}.jpg" for c in ("cat", "dog", "fish") for i in range(3)]
     assert len({(root / f).read_bytes() for f in files}) == 9
     assert all(check_image(root / f).format == "JPEG" for f in files)
+
+
+def test_a_tiff_whose_second_directory_has_no_width_keeps_its_first_frame():
+    """RELIABILITY H3 (found by tests/test_fuzz_server.py): counting the frames of a TIFF whose
+    second directory lacks ImageWidth raised Pillow's TypeError("Missing dimensions"), which
+    escaped as a 500 from the server. A damaged later frame costs nothing: frame 0 is used."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (40, 30))
+    first.save(buf, format="TIFF", save_all=True, append_images=[second])
+    raw = bytearray(buf.getvalue())
+    ifd = struct.unpack_from("<I", raw, 4)[0]
+    nxt = struct.unpack_from("<I", raw, ifd + 2 + 12 * struct.unpack_from("<H", raw, ifd)[0])[0]
+    for i in range(struct.unpack_from("<H", raw, nxt)[0]):
+        if struct.unpack_from("<H", raw, nxt + 2 + 12 * i)[0] == 256:  # ImageWidth → unknown
+            struct.pack_into("<H", raw, nxt + 2 + 12 * i, 65000)
+    with pytest.raises(TypeError):  # what Pillow does with it
+        _ = Image.open(io.BytesIO(bytes(raw))).n_frames
+    image = load_image(io.BytesIO(bytes(raw)))
+    assert image.size == (40, 30) and image.getpixel((0, 0)) == (200, 10, 10)

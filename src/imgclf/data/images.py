@@ -40,7 +40,12 @@ _NOT_IMAGES = frozenset({"PDF", "ZIP", "GZIP", "SVG", "HTML", "XML", "TEXT"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "F"})
 # What plugins raise on damaged data; Pillow wraps most of it in OSError but not all.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+# TypeError and KeyError: Pillow raises them for TIFF directories that lack a required tag
+# ("Missing dimensions" when counting the frames of a file whose second IFD has no width).
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError, struct.error,
+    zlib.error,
+)  # fmt: skip
 
 _MAGIC = {
     "JPEG": (b"\xff\xd8\xff",),

@@ -23,7 +23,7 @@ from imgclf.runs.leaderboard import (
     read_run,
     sort_rows,
 )
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 
@@ -234,6 +234,31 @@ def test_rows_come_from_summary_and_old_runs_from_config_yaml(tmp_path, runs):
         "2@0.01",
         "1@0.02 head → 1@0.001 all",
     )
+
+
+def test_a_run_folder_written_before_issue_15_reads_as_before(tmp_path, runs):
+    """Issue 15: run folders written before `runs/layout.py` (no `config` in summary.json) are
+    still read by every reader: the run folder reader, the predictor (same probabilities as
+    the folder's own copy) and the report page (same test accuracy)."""
+    import torch
+
+    from imgclf.evaluate.report import write_report
+    from imgclf.predict.predictor import Predictor
+    from imgclf.runs.layout import RunFolder
+
+    _, made = runs
+    old = _old_run(made["one"], tmp_path / "old-one")
+    folder = RunFolder(old)
+    assert folder.kind == "single" and "config" not in folder.summary()
+    manifest = folder.manifest_dir()
+    assert manifest == RunFolder(made["one"]).manifest_dir()
+    images = sorted(Path(json.loads((old / "data.json").read_text())["root"]).rglob("*.png"))[:4]
+    before = Predictor.from_run(made["one"]).predict_paths(images)
+    after = Predictor.from_run(old).predict_paths(images)
+    assert after.ok == before.ok and torch.equal(after.probs, before.probs)
+    accuracy = json.loads((old / "summary.json").read_text())["test"]["test_accuracy"]
+    page = write_report(old).read_text(encoding="utf-8")
+    assert f"{accuracy:.4f}" in page or f"{accuracy:.3f}" in page or f"{accuracy:.1%}" in page
 
 
 def test_hand_written_config_falls_back_to_pyyaml(tmp_path, runs):

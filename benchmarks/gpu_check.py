@@ -225,14 +225,15 @@ def completed(run: Path) -> tuple[str, dict]:
 
 def train_path(check: Check, name: str, extra: str) -> tuple[str, dict]:
     from imgclf.config import load_config
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     cfg = load_config(None, check.overrides(name, *extra.split()))
     check.runs[name] = train(cfg, progress=False, log=quiet)
     return completed(check.runs[name])
 
 
-TRAININGS = {  # path → overrides; each trains the tiny model through `imgclf.train.run.train`
+# path → overrides; each trains the tiny model through `imgclf.workflows.training.train`
+TRAININGS = {
     "standard": "train.workers=1",
     "cache-memory-host": "data.cache=memory data.cache_device=host",
     "cache-memory-device": "data.cache=memory data.cache_device=device",
@@ -284,7 +285,7 @@ def kill_resume(check: Check) -> tuple[str, dict]:
     state = summary_of(run)["status"]
     if state != "running":
         raise RuntimeError(f"the run was already {state} when killed: nothing was resumed")
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     train(resume=run, progress=False, log=quiet)  # what `imgclf train --resume RUN` calls
     detail, figures = completed(run)

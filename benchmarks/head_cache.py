@@ -22,7 +22,7 @@ from pathlib import Path
 from imgclf.config import load_config
 from imgclf.configs import config_path
 from imgclf.data.example import digits_folder
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 
 def one(tmp: Path, features: str, args, cache: Path, augment: str, views: int) -> dict:

@@ -32,7 +32,7 @@ def tiny_export(root: Path) -> Path:
     """Train a 3-class scratch CNN on generated 40-px images and export it (needs torch)."""
     from imgclf.config import load_config
     from imgclf.predict.export import export_onnx
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     rng = np.random.default_rng(0)
     for c, name in enumerate("abc"):

@@ -6,7 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from imgclf.cli import app
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import TINY, cfg_for
 
 import factory as fx
@@ -52,7 +52,7 @@ def test_bench_predict_counts_every_image(tmp_path):
 
 
 def test_the_recommendation_is_the_fewest_workers_within_5_percent_of_the_best():
-    from imgclf.bench import recommend_workers
+    from imgclf.workflows.bench import recommend_workers
 
     rows = [{"workers": w, "images_per_s": r} for w, r in ((0, 100), (2, 191), (4, 200), (8, 198))]
     assert recommend_workers(rows) == 2

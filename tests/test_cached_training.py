@@ -12,7 +12,7 @@ from imgclf.config import load_config
 from imgclf.data.example import digits_folder
 from imgclf.data.images import ImageLoadError
 from imgclf.data.prepare import prepare
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import TINY, cfg_for, metrics_without_time, same_weights
 
 import factory as fx

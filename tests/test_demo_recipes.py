@@ -11,7 +11,7 @@ import pytest
 from imgclf.config import load_config
 from imgclf.configs import config_path
 from imgclf.data.example import digits_folder
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 
 @pytest.mark.parametrize(

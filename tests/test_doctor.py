@@ -22,7 +22,7 @@ from imgclf.cli import app
 from imgclf.config import load_config
 from imgclf.data.image_cache import ImageCache
 from imgclf.doctor import check_examples, check_gpu, check_versions
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

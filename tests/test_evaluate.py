@@ -19,7 +19,7 @@ from imgclf.evaluate import analysis
 from imgclf.evaluate.evaluate import evaluate_run
 from imgclf.evaluate.metrics import TOP_K, calibration, compute_metrics
 from imgclf.predict.predictor import Predictor
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

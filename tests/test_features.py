@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from imgclf.config import load_config
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

@@ -32,7 +32,7 @@ from imgclf.data.prepare import split_and_save
 from imgclf.data.scan import scan_to
 from imgclf.errors import ImgclfError
 from imgclf.files import printable
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

@@ -32,7 +32,7 @@ from imgclf.data.manifest import read_manifest
 from imgclf.data.scan import REPORT_JSON, scan_to
 from imgclf.errors import ImgclfError
 from imgclf.runs.leaderboard import collect
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

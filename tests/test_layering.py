@@ -3,7 +3,7 @@ and no two files import each other (directly or round a circle) across packages.
 
 The import graph is read with `ast` from the source, so it holds every import: module level,
 inside functions and under `if TYPE_CHECKING:` alike (a lazy import is still a dependency).
-A "package" is the first name under imgclf: `imgclf.train.run` is in `train`, the single-file
+A "package" is the first name under imgclf: `imgclf.train.fit` is in `train`, the single-file
 `imgclf.files` is `files`, and `imgclf` itself (`__version__`) is `imgclf`.
 """
 
@@ -38,7 +38,7 @@ FLOORS: list[set[str]] = [
     # 4: training a run (finalize scores and predicts with the floors below)
     {"train"},
     # 5: what is built from those: recipes, sweeps, the server, checks, benchmarks
-    {"workflows", "sweep", "serve", "doctor", "bench"},
+    {"workflows", "sweep", "serve", "doctor"},
     # 6: the command line
     {"commands", "cli", "__main__"},
 ]
@@ -234,10 +234,10 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_checker_sees_a_function_level_import_of_a_higher_floor(tmp_path):
-    lazy = "def f():\n    from imgclf.train.run import train\n"
+    lazy = "def f():\n    from imgclf.train.fit import fit\n"
     root = _tree(tmp_path, {"imgclf.predict.predictor": lazy})
     assert layering_problems(import_graph(root)) == [
-        "imgclf.predict.predictor (floor 2) imports imgclf.train.run (floor 4), a higher floor"
+        "imgclf.predict.predictor (floor 2) imports imgclf.train.fit (floor 4), a higher floor"
     ]
 
 

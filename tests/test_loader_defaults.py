@@ -12,7 +12,7 @@ from imgclf.data import loaders
 from imgclf.data.loaders import AUTO_WORKERS_MIN_IMAGES, resolve_workers, seeded_cpu_rng
 from imgclf.evaluate.report import write_report
 from imgclf.train import fit as fit_module
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import cfg_for
 
 import factory as fx

@@ -27,7 +27,7 @@ from imgclf.runs.leaderboard import sort_rows
 from imgclf.sweep.spec import load_sweep
 from imgclf.train.fit import metric_mode
 from imgclf.train.loop import classification_metrics
-from imgclf.train.run import check_watched_metrics
+from imgclf.workflows.training import check_watched_metrics
 
 
 def test_every_epoch_metric_training_measures_is_in_the_vocabulary():

@@ -16,7 +16,7 @@ from imgclf.config import load_config
 from imgclf.errors import ImgclfError
 from imgclf.predict.inputs import expand, split_runs
 from imgclf.predict.predictor import Predictor, load_predictor
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

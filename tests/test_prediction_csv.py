@@ -10,7 +10,7 @@ import torch
 
 from imgclf.evaluate.evaluate import _write_predictions
 from imgclf.predict.predictor import Predictions
-from imgclf.train.finalize import write_predictions
+from imgclf.workflows.finalize import write_predictions
 
 LABELS = ["cat", "dog", "fish"]
 

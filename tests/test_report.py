@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from imgclf.cli import app
 from imgclf.config import load_config
 from imgclf.evaluate.report import compare_runs, config_differences, flatten, write_report
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

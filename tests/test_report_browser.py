@@ -10,7 +10,7 @@ from selenium.webdriver.chrome.service import Service
 
 from imgclf.config import load_config
 from imgclf.evaluate.report import write_report
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

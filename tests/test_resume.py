@@ -22,7 +22,7 @@ import factory as fx
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     """A tiny run trained to completion (two epochs, a few seconds)."""
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     root = tmp_path_factory.mktemp("resume")
     data = fx.make_class_folder(root / "data", classes=("a", "b", "c"), per_class=10, size=(40, 40))
@@ -56,7 +56,7 @@ def test_resume_overrides_apply_on_top_of_the_runs_own_config(finished_run, monk
     assert "--force" in message
 
     # With --force the run continues under the saved config plus the override, nothing else.
-    import imgclf.train.run as run_module
+    import imgclf.workflows.training as run_module
 
     seen = {}
 
@@ -86,7 +86,7 @@ def test_report_shows_the_real_training_time_of_a_resumed_run(finished_run, tmp_
     record train_seconds for the last process only (0.0 s). The time now adds up over resumes
     (it travels in the checkpoint); run folders written before that still show the epochs'
     time from metrics.csv on the report and comparison pages, never 0.0 s."""
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     run = tmp_path / finished_run.name
     _copy_run(finished_run, run)

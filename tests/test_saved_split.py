@@ -43,7 +43,7 @@ def scanned_and_split(data) -> None:
 
 def test_training_on_the_same_folder_keeps_the_saved_split(data, tmp_path):
     scanned_and_split(data)
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     cfg = load_config(None, [f"data.root={data}", f"runs_dir={tmp_path / 'runs'}", *TINY])
     run = train(cfg, progress=False, log=lambda *_: None)

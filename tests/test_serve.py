@@ -51,7 +51,7 @@ ROUTES = {"/", "/docs", "/openapi.json", "/health", "/model", "/predict", "/pred
 def train_tiny_run(root: Path) -> Path:
     """A 3-class scratch CNN trained for two epochs on 40-px images (a few seconds)."""
     from imgclf.config import load_config
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     data = fx.make_class_folder(root / "data", classes=("a", "b", "c"), per_class=10, size=(40, 40))
     cfg = load_config(

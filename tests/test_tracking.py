@@ -25,7 +25,7 @@ from imgclf.cli import app
 from imgclf.config import TrackingConfig, load_config
 from imgclf.errors import ImgclfError
 from imgclf.runs.tracking import RUN_ID_TAG, mirror_run, store_uri, tensorboard_log
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 

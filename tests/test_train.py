@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from imgclf.config import load_config
 from imgclf.errors import ImgclfError
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 
 import factory as fx
 
@@ -167,7 +167,7 @@ def test_copied_run_reproduces_test_predictions_in_a_fresh_process(data, tmp_pat
     script = (
         "import csv, sys\n"
         "from imgclf.predict.predictor import Predictor\n"
-        "from imgclf.train.finalize import write_predictions\n"
+        "from imgclf.workflows.finalize import write_predictions\n"
         "run, root, out = sys.argv[1:]\n"
         "rows = list(csv.DictReader(open(f'{run}/predictions/test.csv')))\n"
         "p = Predictor.from_run(run)\n"
@@ -309,7 +309,7 @@ def test_the_final_predictions_and_mirror_show_progress_only_when_asked(
         shown.append((description.split(" ")[0], show))
         return progress_module.progress_bar(description, total, False)
 
-    monkeypatch.setattr("imgclf.train.finalize.progress_bar", recording)
+    monkeypatch.setattr("imgclf.workflows.finalize.progress_bar", recording)
     monkeypatch.setattr("imgclf.runs.tracking.progress_bar", recording)
     for progress in (False, True):
         shown.clear()

@@ -17,7 +17,7 @@ from imgclf.data.scan import scan
 from imgclf.evaluate.evaluate import evaluate_run
 from imgclf.evaluate.report import compare_runs, write_report
 from imgclf.train.losses import class_weights, imbalance_record
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from imgclf.workflows.two_stage import groups_from_test_split, train_two_stage
 
 import factory as fx

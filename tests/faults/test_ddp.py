@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from imgclf.config import load_config
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import TINY, metrics_without_time, same_weights
 
 import factory as fx

@@ -5,7 +5,7 @@ is augmented under its own seed from the sampler, whatever process decodes it.""
 import subprocess
 import sys
 
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import cfg_for, metrics_without_time, same_weights, weights
 
 import factory as fx

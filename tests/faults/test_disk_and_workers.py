@@ -22,7 +22,7 @@ from imgclf.config import load_config
 from imgclf.errors import ImgclfError
 from imgclf.files import is_temp_name
 from imgclf.runs.checkpoint import load_checkpoint
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import TINY, metrics_without_time, same_weights
 
 import factory as fx

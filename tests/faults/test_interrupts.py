@@ -17,7 +17,7 @@ from imgclf.errors import ImgclfError
 from imgclf.predict.predictor import Predictor
 from imgclf.runs.checkpoint import load_checkpoint
 from imgclf.runs.record import RunDir
-from imgclf.train.run import train
+from imgclf.workflows.training import train
 from test_train import TINY, cfg_for, metrics_without_time, same_weights
 
 import factory as fx

@@ -47,8 +47,8 @@ def loader(
     as_json: AsJson = False,
 ) -> None:
     """Epoch time of the standard training loader (no model) against its worker count."""
-    from imgclf.bench import bench_loader, describe, recommend_workers
     from imgclf.errors import ImgclfError
+    from imgclf.workflows.bench import bench_loader, describe, recommend_workers
 
     cfg = _config(config, overrides)
     try:
@@ -75,7 +75,7 @@ def train(
     as_json: AsJson = False,
 ) -> None:
     """Images/s of the standard pipeline, the cached pipeline and synthetic on-device data."""
-    from imgclf.bench import bench_train, describe
+    from imgclf.workflows.bench import bench_train, describe
 
     cfg = _config(config, overrides)
     setup = describe(cfg)
@@ -100,9 +100,9 @@ def predict(
     as_json: AsJson = False,
 ) -> None:
     """Images/s of a run's predictor over images (model loading excluded)."""
-    from imgclf.bench import bench_predict
     from imgclf.errors import ImgclfError
     from imgclf.predict.inputs import expand
+    from imgclf.workflows.bench import bench_predict
 
     paths = [Path(p) for p in expand(inputs).paths]
     if not paths:

@@ -23,7 +23,7 @@ def demo(
     from imgclf.data.example import digits_folder
     from imgclf.data.prepare import split_and_save
     from imgclf.data.scan import scan_to
-    from imgclf.train.run import train as run_training
+    from imgclf.workflows.training import train as run_training
 
     folder = digits_folder()
     console.rule("[bold]1. scan")

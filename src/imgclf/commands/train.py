@@ -35,7 +35,7 @@ def train(
     """
     from imgclf.config import load_config
     from imgclf.train.distributed import world_from_env
-    from imgclf.train.run import train as run_training
+    from imgclf.workflows.training import train as run_training
 
     config, overrides = split_config_arg(config, overrides)
     if config is not None and (config.is_dir() or config.suffix.lower() in (".csv", ".tsv")):
@@ -65,7 +65,7 @@ def lr_find(
 ) -> None:
     """Sweep the first stage's learning rate over a short run; plot loss vs lr; suggest one."""
     from imgclf.config import load_config
-    from imgclf.train.lr_search import find_lr
+    from imgclf.workflows.lr_search import find_lr
 
     config, overrides = split_config_arg(config, overrides)
     result = find_lr(load_config(config, overrides), out, num_steps=steps)

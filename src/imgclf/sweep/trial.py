@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 def run_trial(sweep: Sweep, study: optuna.Study, trial: optuna.Trial, log: Log) -> str:
     """One trial = one `train()` run; its epochs feed the pruner. Returns the outcome."""
     from imgclf.train.fit import Pruned
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     spec, number = sweep.spec, trial.number
 

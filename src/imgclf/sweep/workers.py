@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def work(sweep: Sweep, log: Log = print) -> int:
     """Claim and run trials until the queue is empty; returns how many ran."""
-    import imgclf.train.run  # noqa: F401  (seconds of imports: before a trial, not inside one)
+    import imgclf.workflows.training  # noqa: F401  (seconds of imports: before a trial, not inside one)
 
     if sweep.study_id is None:
         sweep.load()

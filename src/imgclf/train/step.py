@@ -1,8 +1,8 @@
 """One training step, assembled from a RunConfig: the one place that says how imgclf trains.
 
-Every trainer — a run (`train/run.py` and `train/fit.py`), `imgclf lr-find`
-(`train/lr_search.py`), `imgclf bench train` (`bench.py`) and `benchmarks/fast_path.py` —
-builds its step here, so a setting means the same everywhere:
+Every trainer — a run (`workflows/training.py` and `train/fit.py`), `imgclf lr-find`
+(`workflows/lr_search.py`), `imgclf bench train` (`workflows/bench.py`) and
+`benchmarks/fast_path.py` — builds its step here, so a setting means the same everywhere:
 
 - `assemble(cfg, world)`: the device side, once per process — the Fabric (one device, or DDP
   over every rank under torchrun: `train/distributed.py`), the precision (`resolve_precision`:

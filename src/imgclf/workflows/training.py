@@ -44,11 +44,11 @@ from imgclf.runs.record import (
 )
 from imgclf.train.distributed import World, check_config, end_process_group, world_from_env
 from imgclf.train.feature_cache import FeatureCache, StageFeatures, default_cache_root
-from imgclf.train.finalize import finalize
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag
 from imgclf.train.losses import batch_mixer, build_loss, describe_imbalance, imbalance_record
 from imgclf.train.step import StepParts, assemble, maybe_compile, prepare_model, seed_everything
+from imgclf.workflows.finalize import finalize
 
 
 def train(

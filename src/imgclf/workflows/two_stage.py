@@ -10,8 +10,8 @@ Groups come from an evaluated run's `evaluations/<name>/confusion_groups.json` (
 "val" is preferred so that the test split stays unseen by every choice) or from a user file of
 the same format: a JSON list of lists of class names, every class in exactly one group.
 
-Every stage is an ordinary training run (`imgclf.train.run.train`) on a derived manifest that
-keeps the original split column, so all stages and the single-stage model see the same
+Every stage is an ordinary training run (`imgclf.workflows.training.train`) on a derived
+manifest that keeps the original split column, so all stages and the single-stage model see the same
 train / val / test images. The composite folder `runs/<name>/` holds:
 
   (files: docs/ARCHITECTURE.md, "Composite and export folders")
@@ -235,7 +235,7 @@ def train_two_stage(
 
 
 def _train_stages(cfg, manifest, grouped, folder: Path, label: str, progress, log) -> dict:
-    from imgclf.train.run import train
+    from imgclf.workflows.training import train
 
     # Absolute: the stage runs' data.json must find their manifest from any working directory.
     coarse, group_dirs = derive_manifests(manifest, grouped, folder.resolve() / "manifests")

@@ -275,6 +275,12 @@ class TrainConfig(_Strict):
         None, ge=1, description="also save a resumable checkpoint every N batches mid-epoch"
     )
     compile: bool = Field(False, description="torch.compile the model (pays off on GPUs)")
+    predict_test: bool = Field(
+        True,
+        description="predict the test split with the best weights when the run ends; imgclf "
+        "fit sets false for its candidates and measures the test split once, for the model it "
+        "chooses",
+    )
     sync_bn: bool = Field(
         False, description="under torchrun on GPUs: BatchNorm statistics over the global batch"
     )

@@ -9,6 +9,7 @@ import importlib
 import typer
 
 AREAS = (
+    "fit",
     "data",
     "train",
     "models",

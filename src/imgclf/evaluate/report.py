@@ -95,7 +95,7 @@ def render_report(run: Path) -> str:
         issues = _csv(folder / "label_issues.csv")
         ctx["label_issues"], ctx["label_issue_count"] = issues[:TABLE_ROWS], len(issues)
         ctx["gallery"] = top_loss_gallery(folder, Path(evaluation["root"]))
-    return _template("report.html").render(**ctx)
+    return template("report.html").render(**ctx)
 
 
 def training_time(summary: dict, history: list[dict[str, float]]) -> dict[str, Any]:
@@ -199,7 +199,7 @@ def render_comparison(runs: list[Path], out_dir: Path) -> str:
         "config_diff": config_differences(configs),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    return _template("compare.html").render(**ctx)
+    return template("compare.html").render(**ctx)
 
 
 def data_versions(runs: Sequence[Path]) -> tuple[list[dict[str, Any]], str | None]:
@@ -310,7 +310,7 @@ def _overlay_curves(entries: list[dict]) -> str | None:
 # ---------------------------------------------------------------- helpers
 
 
-def _template(name: str):
+def template(name: str):
     from jinja2 import ChainableUndefined, Environment, FileSystemLoader
 
     env = Environment(

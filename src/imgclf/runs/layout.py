@@ -43,6 +43,7 @@ LOCK = ".lock"
 ENSEMBLE_JSON = "ensemble.json"
 TWO_STAGE_JSON = "two_stage.json"
 COMPARISON_JSON = "comparison.json"
+FIT_JSON = "fit.json"  # fits/<id>/fit.json: the record of an `imgclf fit`
 SUBFOLDERS = (CHECKPOINTS, PLOTS, PREDICTIONS)  # made when a training run starts
 
 # model.json's `kind` (absent: single): a training run, an ensemble, a two-stage model.

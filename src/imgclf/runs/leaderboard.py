@@ -150,6 +150,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "data": _data_version(run),
         "best_epoch": best.get("epoch"),
         "sweep": (summary.get("tags") or {}).get("sweep"),
+        "fit": (summary.get("tags") or {}).get("fit"),
     }
     row.update(dict.fromkeys(_METRICS))
     for split in ("val", "test"):

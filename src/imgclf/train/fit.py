@@ -63,6 +63,9 @@ class FitContext:
     # Why the backbone starts from random weights ("" when it does not): a head-only stage on
     # it is warned (`warn_head_only`).
     random_backbone: str = ""
+    # time.monotonic() by which the run must end (`imgclf fit`'s budget): no epoch is started
+    # that the last one's duration says would end past it; None: no limit.
+    deadline: float | None = None
 
 
 class Pruned(Exception):
@@ -97,15 +100,32 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
         resume = None
         epoch_fn = _one_cached_epoch if _uses_cache(ctx, stage) else _one_epoch
         while state.epoch < stage.epochs:
+            began = time.monotonic()
             if not epoch_fn(ctx, state, stage, optimizer, schedule):
                 return state
             if _should_stop_early(ctx.cfg, state):
                 ctx.log(f"early stopping: stage {state.stage} ends after epoch {state.epoch}")
                 state.epoch = stage.epochs
+            elif _out_of_time(ctx, time.monotonic() - began):
+                note = (
+                    f"time budget: the run ends after epoch {state.global_epoch} (stage "
+                    f"{state.stage}, epoch {state.epoch} of {stage.epochs}); another would end "
+                    "past it"
+                )
+                ctx.log(note)
+                state.warnings.append(note)
+                state.stage, state.epoch = len(stages) - 1, stages[-1].epochs
+                _save(ctx, state, optimizer, schedule)
+                break
             _save(ctx, state, optimizer, schedule)
         state.stage, state.epoch, state.patience = state.stage + 1, 0, {}
     state.status = "completed"
     return state
+
+
+def _out_of_time(ctx: FitContext, epoch_seconds: float) -> bool:
+    """True when another epoch as long as the last one would end past the run's deadline."""
+    return ctx.deadline is not None and time.monotonic() + epoch_seconds > ctx.deadline
 
 
 def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):

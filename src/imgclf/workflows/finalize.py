@@ -46,7 +46,7 @@ def finalize(
     metrics: dict[str, dict] = {}
     if (run.path / MODEL_WEIGHTS).is_file() and state.status in ("completed", "interrupted"):
         predictor = Predictor.from_run(run.path)
-        for split in ("val", "test"):
+        for split in ("val", "test") if cfg.train.predict_test else ("val",):
             entries = manifest.split_entries(split)
             if entries:
                 metrics[split] = _predict_split(run, predictor, manifest, split, cfg, progress)

@@ -5,6 +5,7 @@ would use (`train/step.py`). Nothing is written but the plot."""
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import torch
@@ -12,11 +13,13 @@ import torch
 from imgclf.config import RunConfig
 from imgclf.data.batches import build_loaders
 from imgclf.data.prepare import prepare
+from imgclf.errors import ImgclfError
 from imgclf.models import build_model, set_train_mode
 from imgclf.progress import progress_bar
 from imgclf.train.losses import build_loss
 from imgclf.train.lr_find import LRFindResult, lr_find, plot_lr_find
 from imgclf.train.step import assemble, prepare_model, seed_everything, setup_stage
+from imgclf.workflows.training import warm_start
 
 
 def find_lr(
@@ -24,16 +27,21 @@ def find_lr(
     plot: Path,
     *,
     num_steps: int = 100,
+    deadline: float | None = None,
     start_lr: float = 1e-7,
     end_lr: float = 1.0,
     progress: bool = True,
 ) -> LRFindResult:
-    """Sweep the first stage's lr exponentially; save the loss-vs-lr plot; return the result."""
+    """Sweep the first stage's lr exponentially; save the loss-vs-lr plot; return the result.
+
+    `deadline` (`time.monotonic()`): past it the sweep stops with an ImgclfError."""
     parts = assemble(cfg)
     fabric, device = parts.fabric, parts.device
     seed_everything(cfg.seed)
     manifest, _ = prepare(cfg.data, progress=progress)
     raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    if cfg.model.init_from:  # e.g. a trained head, before unfreezing (imgclf fit)
+        warm_start(raw, cfg.model.init_from, lambda *_: None)
     raw = prepare_model(cfg, parts, raw)
     stage = cfg.train.stages[0]
     # No schedule: the sweep sets every group's lr itself.
@@ -52,6 +60,8 @@ def find_lr(
     batches = (b for b in itertools.cycle(train_loader) if b["x"] is not None)
 
     def step(lr: float) -> float:
+        if deadline is not None and time.monotonic() > deadline:
+            raise ImgclfError("the LR range test ran out of its time (imgclf fit's budget)")
         for group, ratio in zip(optimizer.param_groups, ratios, strict=True):
             group["lr"] = lr * ratio
         batch = next(batches)

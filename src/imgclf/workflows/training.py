@@ -7,6 +7,7 @@ after checking that the config and the data are the ones it started with.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,18 +60,24 @@ def train(
     progress: bool = True,
     log=print,
     on_epoch=None,
+    deadline: float | None = None,
 ) -> Path:
     """Train one run (or resume one); returns the run folder.
 
-    Under torchrun every rank calls this; see `train/distributed.py` for who writes what.
+    `deadline` (a `time.monotonic()` value, `imgclf fit`'s budget): no epoch starts that would
+    end past it, and a step running at that moment is the last (the run is then saved as
+    interrupted, its best weights kept). Under torchrun every rank calls this; see
+    `train/distributed.py` for who writes what.
     """
     try:
-        return _train(cfg, resume, force, progress, log, on_epoch)
+        return _train(cfg, resume, force, progress, log, on_epoch, deadline)
     finally:
         end_process_group()
 
 
-def _train(cfg: RunConfig | None, resume, force: bool, progress: bool, log, on_epoch) -> Path:
+def _train(
+    cfg: RunConfig | None, resume, force: bool, progress: bool, log, on_epoch, deadline
+) -> Path:
     world = world_from_env()
     if not world.is_zero:
         progress, log = False, _silent
@@ -98,7 +105,7 @@ def _train(cfg: RunConfig | None, resume, force: bool, progress: bool, log, on_e
     model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
     warm = None
     if cfg.model.init_from:  # said once: a resumed run has it in its log and summary already
-        warm = _warm_start(model, cfg.model.init_from, log if checkpoint is None else _silent)
+        warm = warm_start(model, cfg.model.init_from, log if checkpoint is None else _silent)
     identity = {
         "config": config_hash(resolve(cfg)),
         "data": manifest.data_hash(),
@@ -129,7 +136,9 @@ def _train(cfg: RunConfig | None, resume, force: bool, progress: bool, log, on_e
         checkpoint=checkpoint,
         random_backbone=_random_backbone(cfg, model, warm),
     )
-    return _fit_and_finish(started, parts, progress=progress, log=log, on_epoch=on_epoch)
+    return _fit_and_finish(
+        started, parts, progress=progress, log=log, on_epoch=on_epoch, deadline=deadline
+    )
 
 
 @dataclass
@@ -175,7 +184,9 @@ def _prepare_data(cfg: RunConfig, fabric, progress: bool):
     return result or prepare(cfg.data, read_only=True)
 
 
-def _fit_and_finish(started: _Started, parts: StepParts, *, progress: bool, log, on_epoch):
+def _fit_and_finish(
+    started: _Started, parts: StepParts, *, progress: bool, log, on_epoch, deadline=None
+):
     cfg, run, manifest, pre = started.cfg, started.run, started.manifest, started.pre
     fabric, channels_last = parts.fabric, parts.channels_last
     model = prepare_model(cfg, parts, started.model)
@@ -213,6 +224,7 @@ def _fit_and_finish(started: _Started, parts: StepParts, *, progress: bool, log,
         compiled=maybe_compile(cfg, model),
         data_advice=_data_advice(cfg, train_loader, fabric.device.type, fabric.world_size),
         random_backbone=started.random_backbone,
+        deadline=deadline,
     )
     with run.lock():
         if started.checkpoint is not None and run.writer:
@@ -257,7 +269,7 @@ def _fit_guarded(ctx: FitContext, started: _Started, *, progress: bool, log):
             log(f"could not record the failure in {run.path}: {e}")
 
     try:
-        with _interruptible(ctx.stop, log), _progress(ctx, progress):
+        with _interruptible(ctx.stop, log), _progress(ctx, progress), _hard_stop(ctx, log):
             state = fit(ctx, state, resume=started.checkpoint)
     except KeyboardInterrupt:  # a second Ctrl-C: record it, write nothing else, stop
         summary = run.read_json(SUMMARY_JSON)
@@ -337,7 +349,7 @@ def _write_run_header(
     )
 
 
-def _warm_start(model: torch.nn.Module, source: Path, log) -> dict[str, Any]:
+def warm_start(model: torch.nn.Module, source: Path, log) -> dict[str, Any]:
     """Start from an earlier run's best weights: every tensor whose name and shape match (the
     head too when the classes match). Says how many were loaded; none at all is a warning."""
     path = Path(source) / MODEL_WEIGHTS if Path(source).is_dir() else Path(source)
@@ -454,6 +466,27 @@ def _interruptible(stop: StopFlag, log):
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
+
+
+@contextmanager
+def _hard_stop(ctx: FitContext, log):
+    """At the deadline, the step running is the last: the run saves and ends as interrupted
+    (the epoch-level check in `fit` normally ends it before, at an epoch boundary)."""
+    if ctx.deadline is None:
+        yield
+        return
+
+    def expire() -> None:
+        log("time budget: stopping after this step (the best weights so far are kept)")
+        ctx.stop.request()
+
+    timer = threading.Timer(max(0.0, ctx.deadline - time.monotonic()), expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextmanager

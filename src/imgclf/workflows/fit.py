@@ -1,0 +1,946 @@
+"""`imgclf fit DATA`: from a folder to the best model it can find in a time budget.
+
+The recipe a careful person follows by hand, as one visible sequence of ordinary runs:
+
+1. **prepare** the manifest and split (reused when they exist) and profile the data and machine;
+2. **screen** every candidate cheaply: a pretrained backbone trains a head on its cached
+   features (one forward pass over the data, then seconds per epoch); a from-scratch CNN trains
+   a few epochs;
+3. **fine-tune** the best few: the LR range test from the trained head, then every layer,
+   warm-started from the screening run, with early stopping on validation;
+4. **combine**: flip TTA and a soft-vote ensemble of the fine-tuned runs, each kept only when it
+   beats the best single run on validation;
+5. **finish**: the chosen model's test split measured once, an ONNX export, a leaderboard of the
+   fit and one report page.
+
+Every run is an ordinary run folder tagged `fit: <id>` (and `role`, `candidate`); the fit's own
+folder `fits/<id>/` holds `fit.json` (the record, written after every step, which is what
+`--resume` continues from), `report.html`, `leaderboard.md` and `export/`. Choices are made on
+the validation split only; the test split is predicted once, at the end, for the chosen model.
+
+Time: each phase gets a share of the budget; each run gets a deadline (`train(deadline=…)`:
+no epoch starts that would end past it, a step running at the deadline is the last), so the
+budget holds to within the final steps. Ctrl-C stops the run in progress as `imgclf train`
+does (saved), records the fit and exits; `imgclf fit --resume FIT` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgclf.config import RunConfig, validate
+from imgclf.data.manifest import MANIFEST_JSON
+from imgclf.data.prepare import prepare
+from imgclf.errors import ImgclfError
+from imgclf.evaluate.fit_report import LEADERBOARD_MD, write_fit_report
+from imgclf.files import atomic_write_json, atomic_write_text
+from imgclf.runs.layout import (
+    CHECKPOINT,
+    FIT_JSON,
+    PREDICTIONS,
+    SUMMARY_JSON,
+    RunFileError,
+    RunFolder,
+)
+from imgclf.runs.record import new_run_id
+from imgclf.workflows import fit_plan
+from imgclf.workflows.fit_plan import Candidate, DataProfile
+
+EXPORT = "export"
+
+# Learning rates a fine-tune may use, whatever the LR range test says: its suggestion (a tenth
+# of the lr at the loss minimum) is noisy over a few dozen steps.
+FINETUNE_LR = (1e-5, 1e-3)
+SCRATCH_LR = (1e-4, 1e-2)
+# Seconds allowed per phase beyond measured speeds: model building, loaders, MLflow, plots.
+RUN_OVERHEAD = 8.0
+_BOARD = ("val_accuracy", "val_loss", "train_s")  # the fit leaderboard's metric columns
+
+
+@dataclass
+class FitOptions:
+    data: Path | None  # class-folder tree, CSV or manifest folder (None on --resume)
+    budget: float  # seconds
+    quality: str = "good"
+    models: list[str] | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    runs_dir: Path = Path("runs")
+    fits_dir: Path = Path("fits")
+    seed: int = 0
+    progress: bool = True
+    mlflow: bool = True
+
+
+@dataclass
+class FitResult:
+    folder: Path  # the fit's folder
+    chosen: Path | None  # the chosen run or ensemble folder
+    test: dict[str, float] = field(default_factory=dict)
+    status: str = "completed"
+
+
+class FitInterrupted(Exception):
+    """Ctrl-C during a fit: what finished is recorded; `imgclf fit --resume` continues."""
+
+
+def fit(opts: FitOptions, *, resume: Path | None = None, log=print) -> FitResult:
+    """Run (or continue) a fit; returns where it is and what it chose."""
+    fitter = _Fitter.start(opts, resume, log)
+    return fitter.run()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Fitter:
+    """One fit: the record (`fit.json`), the clock and the display; one method per phase."""
+
+    def __init__(self, folder: Path, record: dict, opts: FitOptions, log) -> None:
+        self.folder, self.record, self.opts = folder, record, opts
+        self.began = time.monotonic()
+        self.spent_before = float(record.get("spent_s", 0.0))
+        self.deadline = self.began + max(0.0, opts.budget - self.spent_before)
+        self.display = _Display(self, log, opts.progress)
+        self.log = self.display.log
+        self.user_stop = False
+
+    # ------------------------------------------------------------------ set-up
+
+    @classmethod
+    def start(cls, opts: FitOptions, resume: Path | None, log) -> _Fitter:
+        if resume is not None:
+            path = Path(resume)
+            if not (path / FIT_JSON).is_file():
+                raise ImgclfError(f"{path} is not a fit folder (no {FIT_JSON})")
+            try:
+                record = json.loads((path / FIT_JSON).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ImgclfError(f"{path / FIT_JSON} is damaged ({e}); start a new fit") from e
+            saved = record["options"]
+            budget = opts.budget if opts.budget > 0 else float(saved["budget"])
+            opts = FitOptions(
+                data=Path(saved["data"]),
+                budget=budget,
+                quality=saved["quality"],
+                models=saved["models"],
+                device=saved["device"],
+                runs_dir=Path(saved["runs_dir"]),
+                fits_dir=path.parent,
+                seed=saved["seed"],
+                progress=opts.progress,
+                mlflow=saved.get("mlflow", True),
+            )
+            record["options"]["budget"] = budget
+            record["status"] = "running"
+            log(
+                f"resuming fit {record['fit_id']}: {max(0.0, budget - record['spent_s']):.0f} s "
+                f"of {budget:.0f} s left"
+            )
+            return cls(path, record, opts, log)
+        if opts.quality not in fit_plan.QUALITIES:
+            raise ImgclfError(f"--quality {opts.quality!r}: one of {', '.join(fit_plan.QUALITIES)}")
+        if opts.data is None or not opts.data.exists():
+            raise ImgclfError(
+                f"{opts.data} does not exist: give a class-folder tree, a CSV or a manifest"
+            )
+        fit_id = new_run_id("fit", None)
+        folder = opts.fits_dir / fit_id
+        folder.mkdir(parents=True, exist_ok=False)
+        record = {
+            "fit_id": fit_id,
+            "status": "running",
+            "options": {
+                "data": str(opts.data),
+                "budget": opts.budget,
+                "quality": opts.quality,
+                "models": opts.models,
+                "device": opts.device,
+                "runs_dir": str(opts.runs_dir),
+                "seed": opts.seed,
+                "mlflow": opts.mlflow,
+            },
+            "spent_s": 0.0,
+            "phases": {},  # phase → seconds spent (over every session)
+            "decisions": [],
+            "candidates": [],
+        }
+        return cls(folder, record, opts, log)
+
+    @property
+    def fit_id(self) -> str:
+        return self.record["fit_id"]
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self) -> None:
+        self.record["spent_s"] = round(self.spent_before + time.monotonic() - self.began, 2)
+        atomic_write_json(self.folder / FIT_JSON, self.record)
+
+    def decide(self, text: str) -> None:
+        """A choice and its reason: in the log, the record and the report."""
+        if text not in self.record["decisions"]:
+            self.record["decisions"].append(text)
+            self.log(text)
+
+    # ------------------------------------------------------------------ the phases
+
+    def run(self) -> FitResult:
+        self.log(f"fit {self.fit_id}: folder {self.folder}, budget {self.opts.budget:.0f} s")
+        try:
+            with self.display:
+                for name, phase in (
+                    ("prepare", self.prepare),
+                    ("screening", self.screen),
+                    ("fine-tuning", self.finetune),
+                    ("combining", self.combine),
+                    ("final", self.finish),
+                ):
+                    if self.record["phases"].get(name, {}).get("done"):
+                        continue
+                    self.display.phase(name)
+                    t0 = time.monotonic()
+                    phase()
+                    entry = self.record["phases"].setdefault(name, {"seconds": 0.0})
+                    entry["seconds"] = round(entry["seconds"] + time.monotonic() - t0, 2)
+                    entry["done"] = True
+                    self.save()
+        except (KeyboardInterrupt, FitInterrupted):
+            self.record["status"] = "interrupted"
+            self.save()
+            write_fit_report(self.folder)
+            self.log(f"fit interrupted; continue with: imgclf fit --resume {self.folder}")
+            return FitResult(self.folder, None, status="interrupted")
+        self.record["status"] = "completed"
+        self.save()
+        self.log(f"report: {write_fit_report(self.folder)}")
+        chosen = self.record.get("chosen") or {}
+        return FitResult(
+            self.folder,
+            Path(chosen["folder"]) if chosen.get("folder") else None,
+            self.record.get("test", {}),
+        )
+
+    # 1 ---------------------------------------------------------------- prepare and plan
+
+    def prepare(self) -> None:
+        data = Path(self.record["options"]["data"])
+        dcfg = {"manifest": str(data)} if (data / MANIFEST_JSON).is_file() else {"root": str(data)}
+        cfg = validate({"data": dcfg}, "imgclf fit")
+        manifest, manifest_dir = prepare(cfg.data, progress=self.opts.progress)
+        if not manifest.split_entries("val"):
+            raise ImgclfError(
+                f"{manifest_dir} has no validation images: fit chooses on the val split; "
+                "re-split with imgclf split MANIFEST --val 0.2 --force"
+            )
+        profile = fit_plan.profile_manifest(manifest)
+        machine = _machine(self.opts.device)
+        self.record.update(
+            manifest=str(manifest_dir),
+            split=cfg.data.split.model_dump(),
+            profile=asdict(profile),
+            machine=machine,
+        )
+        gpu = machine["device"] == "cuda"
+        candidates = fit_plan.choose_candidates(
+            profile, self.opts.quality, self.opts.models, gpu=gpu
+        )
+        augment, why_aug = fit_plan.augmentation(profile)
+        imbalance, why_imb = fit_plan.imbalance(profile)
+        batch = 128 if gpu else 32
+        batch = max(8, min(batch, profile.train // 4))
+        self.record["settings"] = {
+            "augment": augment,
+            "augment_why": why_aug,
+            "imbalance": imbalance,
+            "imbalance_why": why_imb,
+            "batch_size": batch,
+        }
+        self.record["candidates"] = [
+            {**asdict(c), "screen": None, "finetune": None} for c in candidates
+        ]
+        self.decide(
+            f"data: {profile.train} training / {profile.val} val / {profile.test} test images, "
+            f"{profile.classes} classes, median short side {profile.median_side} px; "
+            f"machine: {machine['device']} ({machine['cores']} cores)"
+        )
+        self.decide("candidates: " + "; ".join(f"{c.key} ({c.why})" for c in candidates))
+        self.decide(f"augmentation {augment}: {why_aug}")
+        self.decide(f"imbalance {imbalance}: {why_imb}")
+
+    def _profile(self) -> DataProfile:
+        return DataProfile(**self.record["profile"])
+
+    # 2 ---------------------------------------------------------------- screening
+
+    def screen(self) -> None:
+        cands = self.record["candidates"]
+        budget = fit_plan.share_budget(max(self.left(), 1.0), len(cands), self._reserve())
+        self.record["budget"] = asdict(budget) | {"finetune": budget.finetune}
+        ends = time.monotonic() + budget.screening
+        # Cheapest first: the first backbone's time prices the others (relative cost per
+        # image), so one that would not fit the screening share is skipped, not cut short.
+        order = sorted(cands, key=lambda c: fit_plan.relative_cost(_candidate(c)))
+        first: tuple[float, float] | None = None  # (seconds, relative cost) of a screened one
+        for i, cand in enumerate(order):
+            if cand["screen"] and cand["screen"].get("done"):
+                continue
+            c = _candidate(cand)
+            left = ends - time.monotonic()
+            share = max(RUN_OVERHEAD + 6, left / (len(order) - i))
+            if first and not c.scratch:
+                estimate = first[0] * fit_plan.relative_cost(c) / first[1]
+                if estimate > max(left, 0.0) * 1.2:
+                    self.decide(
+                        f"{c.key}: not screened, it would take about {estimate:.0f} s of the "
+                        f"{max(left, 0):.0f} s left for screening"
+                    )
+                    cand["screen"] = {"role": "screen", "status": "skipped", "done": True}
+                    continue
+                share = max(share, estimate * 1.3)
+            self.display.item(f"screening {c.key}")
+            if c.scratch:
+                stages = [_scratch_stage(self._scratch_epochs(c, share))]
+                cfg = self._config(c, "screen", stages, features=False)
+            else:
+                stages = [
+                    {
+                        "name": "head",
+                        "trainable": "head",
+                        "epochs": 10,
+                        "optimizer": "adamw",
+                        "lr": 3e-3,
+                        "schedule": "cosine",
+                    }
+                ]
+                cfg = self._config(c, "screen", stages, features=True)
+                # The feature pass must run whole: the deadline is the fit's, not the share.
+                share = max(share, self.left() - self._reserve())
+            cand["screen"] = self._train(cfg, "screen", c.key, share)
+            if not c.scratch and _score(cand["screen"]) is not None and first is None:
+                first = (cand["screen"]["seconds"], fit_plan.relative_cost(c))
+            self.save()
+        # Equal validation accuracy: the cheaper model (to train on, and to serve) ranks first.
+        ranked = sorted(
+            (c for c in cands if _score(c["screen"]) is not None),
+            key=lambda c: (-_score(c["screen"]), fit_plan.relative_cost(_candidate(c))),
+        )
+        if not ranked:
+            raise ImgclfError("no candidate finished screening within the budget: give more --time")
+        keep = fit_plan.QUALITIES[self.opts.quality].survivors
+        survivors = [c["key"] for c in ranked[:keep]]
+        self.record["survivors"] = survivors
+        self.decide(
+            "screening (val accuracy): "
+            + ", ".join(f"{c['key']} {_score(c['screen']):.4f}" for c in ranked)
+            + f"; fine-tuning {', '.join(survivors)}"
+        )
+
+    def _scratch_epochs(self, c: Candidate, seconds: float) -> int:
+        rate = _speed(c, self.record["machine"]["device"], train=True)
+        epoch = self._profile().train / rate + self._profile().val / (3 * rate)
+        return int(max(2, min(40, (seconds - RUN_OVERHEAD) // max(epoch, 1e-3))))
+
+    # 3 ---------------------------------------------------------------- fine-tuning
+
+    def finetune(self) -> None:
+        keys = self.record["survivors"]
+        by_key = {c["key"]: c for c in self.record["candidates"]}
+        for i, key in enumerate(keys):
+            cand = by_key[key]
+            if cand["finetune"] and cand["finetune"].get("done"):
+                continue
+            share = (self.left() - self._reserve()) / (len(keys) - i)
+            if share < 15:
+                self.decide(f"{key}: not fine-tuned, the budget is spent (its screening run stays)")
+                continue
+            c = _candidate(cand)
+            # A pretrained candidate unfreezes from its screened head; a scratch CNN trains
+            # again from fresh weights for longer (its short screening schedule is done).
+            start = None if c.scratch else Path(cand["screen"]["run"])
+            self.display.item(f"fine-tuning {key}: LR range test")
+            t0 = time.monotonic()
+            lr, why, rate = self._lr(c, start, share)
+            self.decide(f"{key}: fine-tune lr {lr:.2e} ({why})")
+            share -= time.monotonic() - t0
+            prof = self._profile()
+            epoch = prof.train / rate + prof.val / (3 * rate)
+            epochs = int(max(1, min(40, (share - RUN_OVERHEAD) // max(epoch, 1e-3))))
+            stage = (
+                _scratch_stage(epochs, lr)
+                if c.scratch
+                else {
+                    "name": "finetune",
+                    "trainable": "all",
+                    "epochs": epochs,
+                    "optimizer": "adamw",
+                    "lr": lr,
+                    "schedule": "cosine",
+                    # Adam's first steps move every weight by about the lr whatever its
+                    # gradient: without a warm-up they wreck pretrained features (measured:
+                    # digits val accuracy 0.91 → 0.41 in the first epoch at 5e-4).
+                    "warmup_epochs": 1.0 if epochs >= 4 else 0.5,
+                    "bn": "eval",
+                }
+            )
+            cfg = self._config(c, "finetune", [stage], features=False, init_from=start)
+            self.display.item(f"fine-tuning {key}: {epochs} epochs at most")
+            cand["finetune"] = self._train(cfg, "finetune", key, share)
+            cand["finetune"].update(lr=lr, lr_why=why, planned_epochs=epochs)
+            self.save()
+
+    def _lr(self, c: Candidate, start: Path | None, share: float) -> tuple[float, str, float]:
+        """The LR range test (from the screened weights, or fresh ones for a scratch CNN), in
+        at most a fifth of the run's share; returns (lr, why, training images/s as measured)."""
+        from imgclf.workflows.lr_search import find_lr
+
+        low, high = SCRATCH_LR if c.scratch else FINETUNE_LR
+        steps = fit_plan.QUALITIES[self.opts.quality].lr_steps
+        rate = self._train_rate(c)
+        if rate:  # fewer steps where they would take more than the fifth (12 at least)
+            fits = int((share / 5 - RUN_OVERHEAD) * rate / self.record["settings"]["batch_size"])
+            steps = max(12, min(steps, fits))
+        stage = _scratch_stage(1) if c.scratch else {"trainable": "all", "bn": "eval"}
+        cfg = self._config(c, "lr", [stage], features=False, init_from=start)
+        t0 = time.monotonic()
+        try:
+            result = find_lr(
+                cfg,
+                self.folder / f"lr_find_{_slug(c.key)}.png",
+                num_steps=steps,
+                start_lr=1e-6 if not c.scratch else 1e-5,
+                end_lr=1.0,
+                progress=False,
+                deadline=time.monotonic() + max(share / 4, RUN_OVERHEAD * 2),
+            )
+        except (ImgclfError, RuntimeError, ValueError) as e:
+            default = 3e-4 if not c.scratch else 3e-3
+            rate = _speed(c, self.record["machine"]["device"], train=True)
+            return default, f"LR range test failed ({e}); the default", rate
+        seconds = time.monotonic() - t0
+        rate = len(result.lrs) * self.record["settings"]["batch_size"] / max(seconds, 1e-6)
+        if c.scratch:  # from fresh weights: the usual rule, a tenth of the minimum's lr
+            lr = float(min(high, max(low, result.suggestion)))
+            why = f"LR range test from fresh weights: {result.reason}"
+            if lr != result.suggestion:
+                why += f", clamped to [{low:g}, {high:g}]"
+            return lr, why, rate
+        lr, why = fit_plan.finetune_lr(result.lrs, result.losses, low, high)
+        return lr, why, rate
+
+    # 4 ---------------------------------------------------------------- TTA and ensemble
+
+    def combine(self) -> None:
+        cands = self.record["candidates"]
+        finished = [
+            (c["key"], c[role])
+            for c in cands
+            for role in ("finetune", "screen")
+            if c[role] and _score(c[role]) is not None
+        ]
+        best_of: dict[str, tuple[str, dict]] = {}
+        for key, run in finished:  # per candidate: its better run (fine-tuned, usually)
+            if key not in best_of or _score(run) > _score(best_of[key][1]):
+                best_of[key] = (key, run)
+        cost = {c["key"]: fit_plan.relative_cost(_candidate(c)) for c in cands}
+        ranked = sorted(best_of.values(), key=lambda kr: (-_score(kr[1]), cost[kr[0]]))
+        if not ranked:
+            raise ImgclfError("no run finished within the budget: give more --time")
+        best_key, best = ranked[0]
+        chosen = {
+            "folder": best["run"],
+            "kind": "run",
+            "tta": None,
+            "val_accuracy": _score(best),
+            "why": f"{best_key}: the best validation accuracy of a single run (the cheapest "
+            "model among equals)",
+        }
+        self.display.best(_score(best), best_key)
+        # Flip TTA, only for a model that trained with flips (else it is the trap imgclf warns of)
+        hflip = (self.record["settings"]["augment"].get("hflip", 0.5) or 0) > 0
+        if hflip and self.left() > self._reserve() * 0.5:
+            self.display.item(f"flip TTA on {best_key} (val)")
+            from imgclf.evaluate.evaluate import evaluate_run
+
+            ev = evaluate_run(best["run"], split="val", tta="flip", name="fit-val-tta")
+            tta_acc = float(ev.record["metrics"]["accuracy"])
+            kept = tta_acc > chosen["val_accuracy"]
+            self.record["tta"] = {
+                "run": best["run"],
+                "val_accuracy": chosen["val_accuracy"],
+                "val_accuracy_tta": tta_acc,
+                "kept": kept,
+            }
+            self.decide(
+                f"flip TTA on {best_key}: val accuracy {tta_acc:.4f} vs "
+                f"{chosen['val_accuracy']:.4f}" + (" — kept" if kept else " — not kept")
+            )
+            if kept:
+                chosen.update(
+                    tta="flip", val_accuracy=tta_acc, why=chosen["why"] + ", with flip TTA"
+                )
+        elif not hflip:
+            self.decide("flip TTA not tried: the models trained without flips")
+        members = [r["run"] for _, r in ranked[:3] if r.get("role") == "finetune"]
+        if fit_plan.QUALITIES[self.opts.quality].ensemble and len(members) >= 2:
+            acc, kept = ensemble_check([Path(m) for m in members], chosen["val_accuracy"])
+            self.record["ensemble"] = {"members": members, "val_accuracy": acc, "kept": kept}
+            self.decide(
+                f"soft-vote ensemble of {len(members)} fine-tuned runs: val accuracy "
+                + (f"{acc:.4f}" if acc is not None else "unknown")
+                + f" vs {chosen['val_accuracy']:.4f}"
+                + (" — kept" if kept else " — not kept")
+            )
+            if kept:
+                from imgclf.workflows.ensemble import save_ensemble
+
+                folder = save_ensemble(
+                    members,
+                    f"{self.fit_id}-ensemble",
+                    runs_dir=self.opts.runs_dir,
+                    batch_size=self.record["settings"]["batch_size"],
+                )
+                _tag(folder, {"fit": self.fit_id, "role": "ensemble"})
+                chosen = {
+                    "folder": str(folder),
+                    "kind": "ensemble",
+                    "tta": None,
+                    "val_accuracy": acc,
+                    "why": f"the soft-vote ensemble of {len(members)} runs beat the best single "
+                    f"run on validation ({acc:.4f})",
+                }
+        self.record["chosen"] = chosen
+        self.display.best(chosen["val_accuracy"], Path(chosen["folder"]).name)
+        self.decide(f"chosen: {chosen['folder']} — {chosen['why']}")
+
+    # 5 ---------------------------------------------------------------- test, export, report
+
+    def finish(self) -> None:
+        from imgclf.evaluate.evaluate import evaluate_run
+
+        chosen = self.record["chosen"]
+        self.display.item("the test split, once, with the chosen model")
+        test = {}
+        if self._profile().test:
+            ev = evaluate_run(
+                chosen["folder"],
+                split="test",
+                tta=chosen["tta"],
+                name="fit-test",
+                batch_size=self.record["settings"]["batch_size"],
+            )
+            m = ev.record["metrics"]
+            test = {
+                "accuracy": float(m["accuracy"]),
+                "balanced_accuracy": float(m["balanced_accuracy"]),
+                "images": self._profile().test,
+                "evaluation": str(ev.folder),
+            }
+        self.record["test"] = test
+        self.save()
+        self.display.item("ONNX export")
+        try:
+            from imgclf.predict.export import export_onnx
+
+            out = export_onnx(chosen["folder"], self.folder / EXPORT, log=self.log)
+            self.record["export"] = {"folder": str(out.folder), "parity": out.max_abs_diff}
+            if chosen["tta"]:
+                self.decide("the ONNX export is the model alone: apply flip TTA yourself")
+        except Exception as e:  # the model is chosen and measured; an export failure is noted
+            self.record["export"] = {"error": str(e)}
+            self.log(f"warning: ONNX export failed: {e}")
+        self.save()
+        self._leaderboard()
+
+    def _leaderboard(self) -> None:
+        from imgclf.runs.leaderboard import leaderboard
+
+        text, rows = leaderboard(
+            self.opts.runs_dir,
+            where=f"fit == {self.fit_id}",
+            fmt="markdown",
+            columns=[*("id", "status", "model", "image_size", "stages", "epochs"), *_BOARD],
+            warn=lambda *_: None,
+        )
+        if rows:
+            atomic_write_text(self.folder / LEADERBOARD_MD, text)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _train_rate(self, c: Candidate) -> float | None:
+        """Training images/s of a candidate, from its screening run: the feature pass read
+        every training and val image forward (training costs about three times as much)."""
+        cand = next(x for x in self.record["candidates"] if x["key"] == c.key)
+        run = cand.get("screen") or {}
+        if c.scratch or _score(run) is None or not run.get("seconds"):
+            return None
+        prof = self._profile()
+        return (prof.train + prof.val) / run["seconds"] / 3
+
+    def _reserve(self) -> float:
+        """Seconds kept for TTA, the ensemble check, the test pass, the export and the report.
+        Before screening: a tenth of the budget; after it, from the slowest screened
+        backbone's measured speed (its feature pass read every training and val image)."""
+        prof = self._profile()
+        rates = [
+            (prof.train + prof.val) / c["screen"]["seconds"]
+            for c in self.record["candidates"]
+            if c["pretrained"] != "none" and _score(c["screen"]) is not None
+        ]
+        if not rates:
+            return max(15.0, 0.1 * self.opts.budget)
+        survivors = fit_plan.QUALITIES[self.opts.quality].survivors
+        images = 2 * prof.val + prof.test * (1 + survivors)
+        return RUN_OVERHEAD * 2 + 1.3 * images / min(rates)
+
+    def _config(
+        self,
+        c: Candidate,
+        role: str,
+        stages: list[dict],
+        *,
+        features: bool,
+        init_from: Path | None = None,
+    ) -> RunConfig:
+        s = self.record["settings"]
+        raw: dict[str, Any] = {
+            "data": {
+                "manifest": self.record["manifest"],
+                "image_size": c.image_size,
+                "cache": "auto",
+            },
+            "model": {
+                "name": c.model,
+                "pretrained": c.pretrained,
+                "head": {"dropout": 0.2} if not c.scratch else {},
+            },
+            "train": {
+                "batch_size": s["batch_size"],
+                "augment": s["augment"],
+                "imbalance": s["imbalance"],
+                "label_smoothing": 0.1,
+                "stages": stages,
+                # One-cycle's high-lr middle makes a scratch CNN's val loss noisy: it runs its
+                # (time-planned) schedule whole; fine-tuning stops after 4 epochs without gain.
+                "early_stopping": {"metric": "val_loss", "patience": None if c.scratch else 4},
+                "features": "cache" if features else "none",
+                "predict_test": False,
+                "accelerator": self.record["machine"]["device"],
+            },
+            "tracking": {"mlflow": self.opts.mlflow},
+            "runs_dir": str(self.opts.runs_dir),
+            "name": f"{_slug(c.key)}-{role}",
+            "tags": {"fit": self.fit_id, "role": role, "candidate": c.key},
+            "seed": self.opts.seed,
+        }
+        if init_from is not None:
+            raw["model"]["init_from"] = str(init_from)
+        return validate(raw, f"imgclf fit ({c.key}, {role})")
+
+    def _train(self, cfg: RunConfig, role: str, key: str, seconds: float) -> dict:
+        """One ordinary run with a deadline; its record for fit.json. A run of this fit that a
+        killed or interrupted session left behind is resumed instead of started again."""
+        from imgclf.workflows.training import train
+
+        deadline = min(self.deadline - self._reserve() * 0.5, time.monotonic() + seconds)
+        t0 = time.monotonic()
+        if deadline - t0 < RUN_OVERHEAD / 2:
+            self.decide(f"{key}: no {role} run, the budget is spent")
+            return {"role": role, "status": "skipped", "done": True, "seconds": 0.0}
+        previous = _find_run(self.opts.runs_dir, self.fit_id, role, key)
+
+        def on_epoch(row: dict) -> None:
+            self.display.epoch(key, row)
+
+        try:
+            status = _status(previous)
+            if previous is not None and status == "completed":
+                path = previous  # finished before the last session recorded it
+            elif previous is not None and (previous / CHECKPOINT).is_file():
+                self.log(f"continuing {previous.name}")
+                path = train(
+                    None,
+                    resume=previous,
+                    progress=False,
+                    log=self.log,
+                    on_epoch=on_epoch,
+                    deadline=deadline,
+                )
+            else:
+                path = train(
+                    cfg, progress=False, log=self.log, on_epoch=on_epoch, deadline=deadline
+                )
+        except KeyboardInterrupt:
+            raise FitInterrupted from None
+        except ImgclfError as e:
+            self.log(f"{key} ({role}) failed: {e}")
+            return {
+                "role": role,
+                "status": "failed",
+                "error": str(e),
+                "done": True,
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+        summary = RunFolder(path).summary()
+        status = summary.get("status")
+        # A run stopped by the user (not by the deadline) ends the fit, resumable.
+        if status == "interrupted" and time.monotonic() < deadline - 1:
+            raise FitInterrupted
+        val = summary.get("val") or {}
+        record = {
+            "role": role,
+            "run": str(path),
+            "status": status,
+            "val_accuracy": val.get("val_accuracy"),
+            "val_loss": val.get("val_loss"),
+            "epochs": summary.get("epochs"),
+            "seconds": round(time.monotonic() - t0, 1),
+            "done": True,
+        }
+        if record["val_accuracy"] is not None:
+            self.display.best(record["val_accuracy"], key)
+        return record
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _candidate(record: dict) -> Candidate:
+    return Candidate(**{k: record[k] for k in Candidate.__dataclass_fields__})
+
+
+def _scratch_stage(epochs: int, lr: float = 4e-3) -> dict:
+    """A from-scratch CNN's one stage: one-cycle AdamW with strong weight decay (the schedule
+    that trains small CNNs fastest; the project's digits recipe)."""
+    return {
+        "name": "scratch",
+        "trainable": "all",
+        "epochs": epochs,
+        "optimizer": "adamw",
+        "lr": lr,
+        "weight_decay": 0.05,
+        "schedule": "onecycle",
+    }
+
+
+def _score(run: dict | None) -> float | None:
+    """A run's validation accuracy with its best weights (None when it has none)."""
+    if not run or run.get("status") not in ("completed", "interrupted"):
+        return None
+    return run.get("val_accuracy")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def _find_run(runs_dir: Path, fit_id: str, role: str, key: str) -> Path | None:
+    """This fit's run for (role, candidate), if an earlier session started one."""
+    if not runs_dir.is_dir():
+        return None
+    for path in sorted(runs_dir.iterdir()):
+        try:
+            tags = RunFolder(path).summary().get("tags") or {}
+        except (RunFileError, OSError):
+            continue
+        if tags.get("fit") == fit_id and tags.get("role") == role and tags.get("candidate") == key:
+            return path
+    return None
+
+
+def _status(run: Path | None) -> str | None:
+    if run is None:
+        return None
+    try:
+        return RunFolder(run).summary().get("status")
+    except RunFileError:
+        return None
+
+
+def _tag(folder: Path, tags: dict[str, str]) -> None:
+    summary = RunFolder(folder).summary()
+    atomic_write_json(
+        folder / SUMMARY_JSON, {**summary, "tags": {**summary.get("tags", {}), **tags}}
+    )
+
+
+def ensemble_check(members: list[Path], best: float) -> tuple[float | None, bool]:
+    """The soft-vote ensemble's validation accuracy, and whether it is kept: only when it
+    beats `best`, the best single model's (a tie keeps the single model: cheaper to run)."""
+    acc = _soft_vote_accuracy(members)
+    return acc, acc is not None and acc > best
+
+
+def _soft_vote_accuracy(runs: list[Path]) -> float | None:
+    """Validation accuracy of the members' averaged probabilities, from their saved
+    predictions/val.csv (no inference)."""
+    probs, labels, names = [], None, None
+    for run in runs:
+        path = run / PREDICTIONS / "val.csv"
+        if not path.is_file():
+            return None
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+        cols = [k for k in rows[0] if k.startswith("p_")] if rows else []
+        if names is None:
+            names = cols
+        if cols != names:
+            return None
+        key = {r["path"]: r for r in rows}
+        if labels is None:
+            labels = {p: r["label"] for p, r in key.items()}
+        probs.append({p: [float(r[c]) for c in cols] for p, r in key.items()})
+    common = sorted(set.intersection(*(set(p) for p in probs)))
+    if not common or names is None:
+        return None
+    mean = np.mean([[p[k] for k in common] for p in probs], axis=0)
+    predicted = [names[i][2:] for i in mean.argmax(1)]
+    return float(np.mean([predicted[i] == labels[k] for i, k in enumerate(common)]))
+
+
+_SPEEDS: dict[tuple, float] = {}
+
+
+def _speed(c: Candidate, device: str, *, train: bool) -> float:
+    """Images per second of the candidate's model at its input size: forward (eval) or
+    forward + backward (train), measured on a small synthetic batch; cached per process."""
+    key = (c.model, c.image_size, c.scratch, device, train)
+    if key in _SPEEDS:
+        return _SPEEDS[key]
+    import torch
+
+    from imgclf.config import ModelConfig
+    from imgclf.models import build_model
+
+    model, _ = build_model(ModelConfig(name=c.model, pretrained="none"), 10, c.image_size)
+    model = model.to(device)
+    n = 8
+    x = torch.randn(n, 3, c.image_size, c.image_size, device=device)
+    model.train(train)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        if train:
+            model(x).sum().backward()
+        else:
+            with torch.no_grad():
+                model(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    # Decoding and augmenting images costs about as much again on a CPU.
+    rate = n / min(times[1:]) / (2.0 if device == "cpu" else 1.2)
+    _SPEEDS[key] = rate
+    return rate
+
+
+def _machine(device: str) -> dict[str, Any]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ImgclfError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {"device": device, "cores": cores}
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        info.update(gpu=torch.cuda.get_device_name(), gpu_free_gb=round(free / 2**30, 1))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Display:
+    """One progress line for the whole fit: phase, what runs now, the best validation score
+    so far and the time left. Log lines print above it. Without a terminal (or with progress
+    off) only the log lines print."""
+
+    def __init__(self, fitter: _Fitter, log: Callable[[str], None], show: bool) -> None:
+        self.fitter, self._log, self.show = fitter, log, show
+        self.state = {"phase": "", "item": "", "best": ""}
+        self.bar = None
+        self.task = None
+
+    def __enter__(self) -> _Display:
+        if self.show:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            fitter = self.fitter
+
+            class _Left(TextColumn):
+                def render(self, task):  # rich's column API
+                    from rich.text import Text
+
+                    return Text(f"{max(0, fitter.left()):.0f} s left")
+
+            self.bar = Progress(
+                TextColumn("[bold]{task.fields[phase]}[/]"),
+                BarColumn(),
+                _Left(""),
+                TextColumn("{task.fields[item]}"),
+                TextColumn("{task.fields[best]}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("fit", total=self.fitter.opts.budget, **self.state)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+            self.bar = None
+
+    def _update(self) -> None:
+        if self.bar is not None:
+            spent = self.fitter.opts.budget - max(0.0, self.fitter.left())
+            self.bar.update(self.task, completed=spent, **self.state)
+
+    def log(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False)
+        else:
+            self._log(text)
+
+    def phase(self, name: str) -> None:
+        self.state["phase"] = name
+        self.state["item"] = ""
+        self._update()
+
+    def item(self, text: str) -> None:
+        self.state["item"] = text
+        self._update()
+
+    def best(self, score: float, key: str) -> None:
+        current = self.fitter.record.get("best_val")
+        if current is None or score > current["accuracy"]:
+            self.fitter.record["best_val"] = {"accuracy": score, "of": key}
+            self.state["best"] = f"best val {score:.4f} ({key})"
+        self._update()
+
+    def epoch(self, key: str, row: dict) -> None:
+        self.state["item"] = (
+            f"{key} epoch {row.get('epoch')}: val {row.get('val_accuracy', float('nan')):.4f}"
+        )
+        self._update()
+
+
+def read_fit(folder: Path) -> dict:
+    """A fit's record."""
+    try:
+        return json.loads((Path(folder) / FIT_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ImgclfError(f"{folder} is not a fit folder (no {FIT_JSON})") from None

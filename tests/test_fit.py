@@ -1,0 +1,275 @@
+"""`imgclf fit`: the planning rules on their own, then whole fits on tiny generated data with
+tiny budgets (the budget holds, the right family wins, a killed fit resumes, the report page)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from imgclf.errors import ImgclfError
+from imgclf.workflows import fit_plan
+from imgclf.workflows.fit import FitOptions, ensemble_check, fit
+from imgclf.workflows.fit_plan import DataProfile
+
+# ------------------------------------------------------------------------------ planning rules
+
+
+def profile(side: int, gray: float = 0.0, counts=(50, 50, 50)) -> DataProfile:
+    return DataProfile(
+        train=sum(counts),
+        val=30,
+        test=30,
+        classes=len(counts),
+        counts=list(counts),
+        median_side=side,
+        grayscale=gray,
+    )
+
+
+def test_durations_parse_and_a_useless_one_is_refused():
+    assert fit_plan.parse_duration("90s") == 90
+    assert fit_plan.parse_duration("10m") == 600
+    assert fit_plan.parse_duration("1h30m") == 5400
+    assert fit_plan.parse_duration("45") == 45
+    for bad in ("5x", "ten minutes", "3s", "m10"):
+        with pytest.raises(ImgclfError, match="--time"):
+            fit_plan.parse_duration(bad)
+
+
+def test_small_images_shrink_the_backbones_input_and_add_a_scratch_cnn():
+    keys = [c.key for c in fit_plan.choose_candidates(profile(32), "good")]
+    assert keys == ["efficientnet_lite0@64", "efficientnet_lite1@64", "scratch_small@32"]
+    # photo-sized: every backbone at its own resolution, no scratch CNN; Lite2 only on a GPU
+    keys = [c.key for c in fit_plan.choose_candidates(profile(375), "good")]
+    assert keys == ["efficientnet_lite0@224", "efficientnet_lite1@240"]
+    keys = [c.key for c in fit_plan.choose_candidates(profile(375), "good", gpu=True)]
+    assert keys[-1] == "efficientnet_lite2@260"
+    # mostly grayscale photos: a scratch CNN is a candidate too
+    assert fit_plan.choose_candidates(profile(300, gray=0.9), "fast")[-1].scratch
+    assert [c.key for c in fit_plan.choose_candidates(profile(300), "fast")] == [
+        "efficientnet_lite0@224"
+    ]
+
+
+def test_models_option_names_candidates_and_their_weights(tmp_path):
+    cands = fit_plan.choose_candidates(
+        profile(300), "good", ["efficientnet_lite1", "resnet18=file:/w/r18.pt", "scratch_small"]
+    )
+    assert [(c.model, c.pretrained) for c in cands] == [
+        ("efficientnet_lite1", "packaged"),
+        ("resnet18", "file:/w/r18.pt"),
+        ("scratch_small", "none"),
+    ]
+    with pytest.raises(ImgclfError, match="resnet18=file:PATH"):
+        fit_plan.choose_candidates(profile(300), "good", ["resnet18"])
+    with pytest.raises(ImgclfError, match="NAME=file:PATH"):
+        fit_plan.choose_candidates(profile(300), "good", ["resnet18=hub"])
+
+
+def test_augmentation_and_imbalance_follow_the_data_and_say_why():
+    aug, why = fit_plan.augmentation(profile(32))
+    assert aug["hflip"] == 0 and "mirror" in why
+    aug, why = fit_plan.augmentation(profile(300))
+    assert aug == {"preset": "default"} and "photo" in why
+    assert fit_plan.imbalance(profile(300, counts=(100, 10, 50)))[0] == "weighted_loss"
+    mode, why = fit_plan.imbalance(profile(300, counts=(60, 50, 40)))
+    assert mode == "none" and "1.5×" in why
+
+
+def test_finetune_lr_is_a_tenth_of_where_the_loss_starts_to_rise():
+    lrs = [10**e for e in np.linspace(-6, 0, 25)]
+    flat_then_rising = [1.0] * 15 + [1.2, 1.6, 3.0] + [9.0] * 7
+    lr, why = fit_plan.finetune_lr(lrs, flat_then_rising, 1e-5, 1e-3)
+    assert lr == pytest.approx(lrs[16] / 10)
+    assert "rose 50 %" in why
+    lr, why = fit_plan.finetune_lr(lrs, [1.0] * 25, 1e-5, 1e-3)  # never rises: the cap
+    assert lr == 1e-3 and "clamped" in why
+    dipping = [1.0, 0.8, 0.5, 0.4, 0.7] + [5.0] * 20  # from scratch-like curves too
+    lr, _ = fit_plan.finetune_lr(lrs, dipping, 1e-7, 1.0)
+    assert lr == pytest.approx(lrs[4] / 10)
+
+
+def _val_csv(run: Path, rows: list[tuple[str, str, list[float]]], labels=("a", "b")) -> Path:
+    (run / "predictions").mkdir(parents=True)
+    with (run / "predictions" / "val.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["path", "label", "predicted", "confidence", "status", *(f"p_{n}" for n in labels)]
+        )
+        for path, label, probs in rows:
+            k = int(np.argmax(probs))
+            w.writerow([path, label, labels[k], max(probs), "ok", *probs])
+    return run
+
+
+def _run(folder: Path, truth: list[str], probs: list[list[float]]) -> Path:
+    return _val_csv(
+        folder, [(f"{i}.png", t, p) for i, (t, p) in enumerate(zip(truth, probs, strict=True))]
+    )
+
+
+def test_the_ensemble_is_kept_only_when_it_beats_the_best_run_on_validation(tmp_path):
+    truth = ["a", "a", "b", "b"]
+    # each run is confidently right where the other is unsure and wrong: together they win
+    one = _run(tmp_path / "one", truth, [[0.9, 0.1], [0.4, 0.6], [0.1, 0.9], [0.1, 0.9]])
+    two = _run(tmp_path / "two", truth, [[0.45, 0.55], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    acc, kept = ensemble_check([one, two], best=0.75)
+    assert acc == 1.0 and kept
+    # the same members against a single run that is already perfect: not kept (a tie neither)
+    assert ensemble_check([one, two], best=1.0) == (1.0, False)
+    # a run that is wrong everywhere drags the vote down: not kept
+    bad = _run(tmp_path / "bad", truth, [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    acc, kept = ensemble_check([one, bad], best=0.75)
+    assert acc < 0.75 and not kept
+
+
+# ------------------------------------------------------------------------------ whole fits
+
+
+def stripes(root: Path, per_class: int = 24, size: int = 16) -> Path:
+    """Unlike photos: tiny grayscale stripe patterns, the class is orientation × period."""
+    rng = np.random.default_rng(0)
+    for name, axis, period in (("h2", 0, 2), ("v2", 1, 2), ("h4", 0, 4), ("v4", 1, 4)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            line = ((np.arange(size) + rng.integers(period)) // (period // 2 or 1)) % 2
+            img = np.repeat(line[:, None] if axis == 0 else line[None, :], size, axis=1 - axis)
+            img = np.clip(img * 180 + 40 + rng.normal(0, 20, (size, size)), 0, 255)
+            Image.fromarray(img.astype(np.uint8), "L").save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def shapes(root: Path, per_class: int = 12, size: int = 80) -> Path:
+    """Photo-like: coloured disks, squares and triangles of any size and place, on smooth
+    random backgrounds, in colour, at 80 px."""
+    rng = np.random.default_rng(1)
+    for name in ("disk", "square", "triangle"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            a, b = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+            t = np.linspace(0, 1, size)[:, None, None]
+            bg = (a * (1 - t) + b * t).repeat(size, axis=1).astype(np.uint8)
+            im = Image.fromarray(bg, "RGB")
+            d = ImageDraw.Draw(im)
+            r = int(rng.integers(12, 30))
+            cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+            colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+            if name == "disk":
+                d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            elif name == "square":
+                d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+            else:
+                d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+            im.save(root / name / f"{name}_{i}.png")
+    return root
+
+
+def run_fit(tmp_path: Path, data: Path, budget: float, **kw) -> tuple:
+    lines: list[str] = []
+    opts = FitOptions(
+        data=data,
+        budget=budget,
+        runs_dir=tmp_path / "runs",
+        fits_dir=tmp_path / "fits",
+        progress=False,
+        mlflow=False,
+        **kw,
+    )
+    t0 = time.monotonic()
+    result = fit(opts, log=lines.append)
+    return result, time.monotonic() - t0, lines
+
+
+def test_a_scratch_cnn_wins_on_tiny_images_unlike_photos_within_the_budget(tmp_path):
+    data = stripes(tmp_path / "stripes")
+    result, seconds, lines = run_fit(tmp_path, data, 90, quality="good")
+    record = json.loads((result.folder / "fit.json").read_text())
+    assert result.status == "completed" and record["status"] == "completed"
+    # the budget holds within 10 % (the wall time of the whole call, set-up included)
+    assert seconds <= 90 * 1.1, (seconds, record["phases"])
+    keys = [c["key"] for c in record["candidates"]]
+    assert keys[-1].startswith("scratch_small@") and keys[0] == "efficientnet_lite0@64"
+    assert record["chosen"]["folder"] == str(result.chosen)
+    chosen = json.loads((result.chosen / "summary.json").read_text())
+    assert chosen["model"] == "scratch_small", record["decisions"]
+    assert chosen["tags"]["fit"] == record["fit_id"]
+    # choices are made on validation; the test split was predicted once, for the chosen model
+    assert result.test["accuracy"] >= 0.9
+    for run in (tmp_path / "runs").iterdir():
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["test"] == {}, run
+        assert not (run / "predictions" / "test.csv").exists()
+    assert (result.chosen / "evaluations" / "fit-test" / "metrics.json").is_file()
+    assert (result.folder / "export" / "model.onnx").is_file()
+    assert (result.folder / "report.html").is_file()
+    board = (result.folder / "leaderboard.md").read_text()
+    assert board.count("| 2026") + board.count("| 20") >= len(record["candidates"])
+    assert any("flip TTA not tried" in line for line in lines)
+
+
+def test_a_pretrained_backbone_wins_on_photo_like_images(tmp_path):
+    data = shapes(tmp_path / "shapes")
+    result, seconds, _ = run_fit(
+        tmp_path, data, 80, quality="fast", models=["efficientnet_lite0", "scratch_small"]
+    )
+    record = json.loads((result.folder / "fit.json").read_text())
+    assert seconds <= 80 * 1.1, (seconds, record["phases"])
+    scores = {c["key"]: (c["screen"] or {}).get("val_accuracy") for c in record["candidates"]}
+    chosen = json.loads((result.chosen / "summary.json").read_text())
+    assert chosen["model"] == "efficientnet_lite0", (scores, record["decisions"])
+    assert any(
+        d.startswith("screening (val accuracy): efficientnet_lite0") for d in record["decisions"]
+    )
+
+
+def test_a_killed_fit_resumes_where_it_stopped(tmp_path):
+    data = stripes(tmp_path / "stripes", per_class=16)
+    cmd = [sys.executable, "-m", "imgclf", "fit", str(data), "--time", "60s", "--quality", "fast"]
+    cmd += ["--models", "scratch_small", "--runs-dir", str(tmp_path / "runs")]
+    cmd += ["--fits-dir", str(tmp_path / "fits"), "--no-mlflow", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 120
+    record = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "fits").glob("*/fit.json"))
+        if found:
+            record = json.loads(found[0].read_text())
+            if record["phases"].get("screening", {}).get("done"):
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folder = found[0].parent
+    screens = sorted((tmp_path / "runs").iterdir())
+    out = subprocess.run(
+        [sys.executable, "-m", "imgclf", "fit", "--resume", str(folder), "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    last = out.stdout.strip().splitlines()[-3:]
+    assert last[0].startswith("chosen: ") and Path(last[0][8:]).is_dir()
+    assert last[1].startswith("test_accuracy: ") and last[2].startswith("balanced_accuracy: ")
+    record = json.loads((folder / "fit.json").read_text())
+    assert record["status"] == "completed"
+    # the screening run was not done again; the fine-tune came after the kill
+    screened = [c["screen"]["run"] for c in record["candidates"]]
+    assert [str(p) for p in screens if "screen" in p.name] == [str(Path(s)) for s in screened]
+    assert "resuming fit" in out.stderr

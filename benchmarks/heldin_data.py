@@ -112,8 +112,10 @@ def _pngs(folder: Path, top: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     return sorted(found), sorted(outside)
 
 
-def plan(png_root: Path, classes: tuple[str, ...] = CLASSES) -> Plan:
-    """Read every PNG of `classes` under `png_root`; decide names and duplicates."""
+def plan(png_root: Path, classes: tuple[str, ...] | None = None) -> Plan:
+    """Read every PNG of `classes` (default CLASSES) under `png_root`; decide names and
+    duplicates."""
+    classes = classes or CLASSES
     result = Plan()
     by_digest: dict[str, list[tuple[str, str, Path]]] = defaultdict(list)
     for label in classes:

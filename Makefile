@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: env demo test lint fmt bench gpu-check lock clean system-deps
+.PHONY: env demo test lint fmt bench gpu-check lock clean system-deps heldin-data
 
 env: $(STAMP)
 
@@ -45,6 +45,11 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/scan.py
 	$(BIN)/python benchmarks/train_loop.py
+
+# The held-in development data set for `imgclf fit` (Debian's openclipart-png, 9 classes) into
+# $IMGCLF_CACHE/datasets/openclipart9; a no-op when already there (benchmarks/heldin_data.py).
+heldin-data: $(STAMP)
+	$(BIN)/python benchmarks/heldin_data.py
 
 # Every CUDA code path at small size + throughput, on a GPU machine (benchmarks/gpu_check.py;
 # without a GPU it says so and exits 0). Never builds .venv: GPU machines often have no network,

@@ -53,6 +53,7 @@ def example_config() -> str:
 
 def make_data(tmp: Path) -> None:
     fx.make_class_folder(tmp / "data" / "garbage", CLASSES, per_class=8, size=(40, 40))
+    fx.make_class_folder(tmp / "data" / "photos", ("cat", "dog"), per_class=10, size=(40, 40))
     cars = fx.make_class_folder(tmp / "data" / "cars", ("sedan", "suv"), per_class=4)
     with open(tmp / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -68,6 +69,9 @@ def concrete(argv: list[str], tmp: Path, last_run: str | None) -> list[str]:
     if "runs/<id>" in out:
         assert last_run, "the tour resumes a run before training one"
         out = [last_run if a == "runs/<id>" else a for a in out]
+    elif out[1] == "fit":  # a budget the test can wait for, a scratch CNN, no MLflow
+        out = [a for a in out if a not in ("--time", "10m")]
+        out += ["--time", "30s", "--models", "scratch_small", "--no-mlflow"]
     elif out[1] in ("train", "lr-find"):
         stages = len(yaml.safe_load(example_config())["train"]["stages"])
         uses_file = out[2] == "run.yaml"
@@ -89,12 +93,12 @@ def test_the_readme_tour_runs_as_written(tmp_path):
         assert argv[0] == "imgclf", f"README tour: unknown command {shlex.join(argv)}"
         cmd = concrete(argv, tmp_path, last_run)
         full = [sys.executable, "-m", "imgclf", *cmd[1:]]
-        if cmd[1] in ("scan", "train"):  # progress bars off; nothing else changes
+        if cmd[1] in ("scan", "train", "fit"):  # progress bars off; nothing else changes
             full.append("--no-progress")
         r = subprocess.run(full, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"README tour: `{shlex.join(argv)}` failed:\n{r.stdout}{r.stderr}"
         if m := re.search(r"run folder: (\S+)", r.stdout):
             last_run = m.group(1)
         ran.append(cmd[1])
-    assert {"scan", "split", "config", "models", "lr-find", "train"} <= set(ran)
+    assert {"fit", "scan", "split", "config", "models", "lr-find", "train"} <= set(ran)
     assert last_run is not None

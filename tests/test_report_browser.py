@@ -2,6 +2,7 @@
 the top-loss thumbnails render, and the console stays clean. Screenshot: test-artifacts/report.png.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,5 +81,49 @@ def test_report_renders_in_chromium_from_disk(report, chromium):
     chromium.set_window_size(1280, min(height + 40, 12000))
     ARTIFACTS.mkdir(exist_ok=True)
     assert chromium.save_screenshot(str(ARTIFACTS / "report.png"))
+    severe = [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == [], severe
+
+
+@pytest.fixture
+def fit_report(tmp_path):
+    from imgclf.workflows.fit import FitOptions, fit
+
+    data = fx.make_class_folder(tmp_path / "photos", classes=("ant", "bee"), per_class=12)
+    opts = FitOptions(
+        data=data,
+        budget=30,
+        quality="fast",
+        models=["scratch_small"],
+        runs_dir=tmp_path / "runs",
+        fits_dir=tmp_path / "fits",
+        progress=False,
+        mlflow=False,
+    )
+    return fit(opts, log=lambda *_: None).folder / "report.html"
+
+
+def test_the_fit_report_renders_in_chromium_from_disk(fit_report, chromium):
+    """`imgclf fit`'s page: the chosen model with its test metrics, the choices, every
+    candidate, and each run's learning curves decode. Screenshot: test-artifacts/fit.png."""
+    chromium.get(fit_report.resolve().as_uri())
+    assert chromium.execute_script("return document.readyState") == "complete"
+    assert chromium.title.startswith("fit ")
+    text = chromium.find_element("id", "chosen").text
+    assert "test accuracy" in text and "why" in text
+    assert chromium.find_element("id", "test-accuracy").text not in ("", "—")
+    assert len(chromium.find_elements("css selector", "#decisions li")) >= 4
+    assert len(chromium.find_elements("css selector", "#candidates tr")) == 2  # header + 1
+    record = json.loads((fit_report.parent / "fit.json").read_text())
+    runs = [
+        c[r]["run"]
+        for c in record["candidates"]
+        for r in ("screen", "finetune")
+        if (c[r] or {}).get("run")
+    ]
+    curves = natural_widths(chromium, "#curves img")
+    assert runs and len(curves) == len(runs) and all(w > 0 for w in curves), curves
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert chromium.save_screenshot(str(ARTIFACTS / "fit.png"))
     severe = [e for e in chromium.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], severe

@@ -70,17 +70,23 @@ def fit(
         progress=progress,
         mlflow=mlflow,
     )
-    result = run_fit(opts, resume=resume, log=err_console.print)
+
+    def log(text: str) -> None:  # run names and settings hold brackets: no rich markup
+        err_console.print(text, markup=False, highlight=False)
+
+    result = run_fit(opts, resume=resume, log=log)
     if result.status != "completed":
-        console.print(f"fit: {result.folder} ({result.status})")
+        console.print(f"fit: {result.folder} ({result.status})", highlight=False)
         raise typer.Exit(130)
     # The last three lines are for scripts: the chosen folder and its test metrics.
     console.print(f"fit: {result.folder}", highlight=False)
     console.print(f"chosen: {result.chosen}", highlight=False, soft_wrap=True)
     acc = result.test.get("accuracy")
     bal = result.test.get("balanced_accuracy")
-    console.print(f"test_accuracy: {acc:.4f}" if acc is not None else "test_accuracy: nan")
-    console.print(f"balanced_accuracy: {bal:.4f}" if bal is not None else "balanced_accuracy: nan")
+    for name, value in (("test_accuracy", acc), ("balanced_accuracy", bal)):
+        console.print(
+            f"{name}: {value:.4f}" if value is not None else f"{name}: nan", highlight=False
+        )
 
 
 def register(app: typer.Typer) -> None:

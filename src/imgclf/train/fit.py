@@ -63,6 +63,9 @@ class FitContext:
     # Why the backbone starts from random weights ("" when it does not): a head-only stage on
     # it is warned (`warn_head_only`).
     random_backbone: str = ""
+    # Early-stopping patience per stage, as train/recipe.py resolves `auto`; None: the config's
+    # train.early_stopping.patience for every stage.
+    patience: tuple[int | None, ...] | None = None
 
 
 class Pruned(Exception):
@@ -92,6 +95,9 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
     stages = ctx.cfg.stages
     while state.stage < len(stages):
         stage = stages[state.stage]
+        if stage.epochs == 0:  # skipped by the recipe (train/recipe.py)
+            state.stage += 1
+            continue
         warn_head_only(ctx, state, stage)
         optimizer, schedule = _stage_setup(ctx, stage, resume)
         resume = None
@@ -99,7 +105,7 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
         while state.epoch < stage.epochs:
             if not epoch_fn(ctx, state, stage, optimizer, schedule):
                 return state
-            if _should_stop_early(ctx.cfg, state):
+            if _should_stop_early(ctx, state):
                 ctx.log(f"early stopping: stage {state.stage} ends after epoch {state.epoch}")
                 state.epoch = stage.epochs
             _save(ctx, state, optimizer, schedule)
@@ -351,7 +357,7 @@ def _track_best(ctx: FitContext, state: FitState, row: dict) -> None:
         }
         ctx.run.write_weights(ctx.raw_model.state_dict())
     es = ctx.cfg.early_stopping
-    if es.patience is None:
+    if _patience(ctx, state) is None:
         return
     if es.metric not in row:
         raise ValueError(
@@ -364,8 +370,18 @@ def _track_best(ctx: FitContext, state: FitState, row: dict) -> None:
         p["bad"] = p.get("bad", 0) + 1
 
 
-def _should_stop_early(cfg: TrainConfig, state: FitState) -> bool:
-    patience = cfg.early_stopping.patience
+def _patience(ctx: FitContext, state: FitState) -> int | None:
+    """The current stage's early-stopping patience."""
+    if ctx.patience is not None:
+        return ctx.patience[state.stage]
+    patience = ctx.cfg.early_stopping.patience
+    if patience == "auto":
+        raise ValueError("early_stopping.patience: auto is resolved by train/recipe.py first")
+    return patience
+
+
+def _should_stop_early(ctx: FitContext, state: FitState) -> bool:
+    patience = _patience(ctx, state)
     return patience is not None and state.patience.get("bad", 0) >= patience
 
 

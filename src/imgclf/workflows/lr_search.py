@@ -16,6 +16,7 @@ from imgclf.models import build_model, set_train_mode
 from imgclf.progress import progress_bar
 from imgclf.train.losses import build_loss
 from imgclf.train.lr_find import LRFindResult, lr_find, plot_lr_find
+from imgclf.train.recipe import resolve_recipe
 from imgclf.train.step import assemble, prepare_model, seed_everything, setup_stage
 
 
@@ -35,7 +36,11 @@ def find_lr(
     manifest, _ = prepare(cfg.data, progress=progress)
     raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
     raw = prepare_model(cfg, parts, raw)
-    stage = cfg.train.stages[0]
+    # The first stage a run would train (the default recipe skips its head stage on a random
+    # backbone); its epochs do not matter here.
+    random_backbone = raw.spec.get("pretrained") == "none"
+    stage = resolve_recipe(cfg.train, len(manifest.split_entries("train")), random_backbone)
+    stage = stage.first_trained
     # No schedule: the sweep sets every group's lr itself.
     built = setup_stage(fabric, raw, stage, None)
     model, optimizer = built.model, built.optimizer

@@ -14,7 +14,10 @@ Auto stages also stop early (patience 3 on `early_stopping.metric`) when
 
 A head-only auto stage on a randomly initialised backbone (a scratch model, `pretrained: none`)
 would train a classifier on noise, so it is skipped (0 epochs) when a later stage trains more
-than the head; a stage the user sized keeps `train/fit.py`'s warning instead.
+than the head; a stage the user sized keeps `train/fit.py`'s warning instead. On such a backbone
+an auto stage's `bn: eval` (the default fine-tuning stage's: keep the pretrained statistics)
+becomes `frozen-eval`: there are no statistics to keep, and BatchNorm frozen at its initial
+mean 0 / variance 1 would not normalise at all.
 
 The same config and data give the same numbers, so a resumed run (which checks that the data is
 unchanged) recomputes them; config.yaml keeps `auto` and summary.json's `config` has the numbers.
@@ -32,6 +35,7 @@ HEAD_IMAGES, HEAD_EPOCHS = 3_000, (2, 10)  # a head-only stage: images to see, e
 OTHER_IMAGES, OTHER_EPOCHS = 15_000, (3, 30)  # any other stage
 AUTO_PATIENCE = 3  # early stopping of auto stages when early_stopping.patience is auto
 SKIPPED_HEAD = "no pretrained backbone: the head stage is skipped; the model trains whole"
+OWN_STATISTICS = "no pretrained BatchNorm statistics to keep: bn: eval → frozen-eval"
 
 
 def auto_epochs(trainable: object, n_train: int) -> int:
@@ -59,23 +63,28 @@ class Recipe:
 def resolve_recipe(train: TrainConfig, n_train: int, random_backbone: bool = False) -> Recipe:
     """Every `auto` of `train` as a number, for `n_train` training images."""
     stages, patience, shown = [], [], []
-    skip = False
+    skip = own_statistics = False
     for i, stage in enumerate(train.stages):
         auto = stage.epochs == "auto"
         epochs = auto_epochs(stage.trainable, n_train) if auto else stage.epochs
+        update: dict = {"epochs": epochs}
         if auto and random_backbone and stage.trainable == "head" and _trains_more(train, i):
-            epochs, skip = 0, True
+            update["epochs"], skip = 0, True
+        if auto and random_backbone and stage.bn == "eval":
+            update["bn"], own_statistics = "frozen-eval", True
         p = train.early_stopping.patience
         patience.append((AUTO_PATIENCE if auto else None) if p == "auto" else p)
         if auto:
-            shown.append(f"{stage.name or f'stage {i}'} {epochs}")
+            shown.append(f"{stage.name or f'stage {i}'} {update['epochs']}")
         # model_copy does not validate: 0 (skipped) is never a value a user may write.
-        stages.append(stage.model_copy(update={"epochs": epochs}) if auto else stage)
+        stages.append(stage.model_copy(update=update) if auto else stage)
     lines = []
     if shown:
         lines.append(f"epochs: auto → {', '.join(shown)} ({n_train:,} training images)")
     if skip:
         lines.append(SKIPPED_HEAD)
+    if own_statistics:
+        lines.append(OWN_STATISTICS)
     return Recipe(train.model_copy(update={"stages": stages}), tuple(patience), tuple(lines))
 
 

@@ -283,7 +283,8 @@ class TrainConfig(_Strict):
         min_length=1,
         description="trained in order; the default: a new head on the frozen backbone, then "
         "the whole model at a 10x lower lr with BatchNorm on its pretrained statistics, each "
-        "for auto epochs (a random backbone skips the head stage)",
+        "for auto epochs (on a random backbone the head stage is skipped and BatchNorm "
+        "learns its statistics)",
     )
     early_stopping: EarlyStopping = EarlyStopping()
     best_metric: EpochMetric = Field("val_accuracy", description="chooses the saved best epoch")

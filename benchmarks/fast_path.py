@@ -159,6 +159,7 @@ def imgclf_pipeline(args, folder: Path, cache: str, workers: int, device) -> dic
             f"train.workers={workers}",
             "train.augment.preset=light",
             "train.augment.scale=[0.08, 1.0]",  # the conventional pipeline's crop
+            "train.stages=[{epochs: 1}]",  # the whole model, as the conventional script trains
         ],
     )
     manifest, _ = prepare(cfg.data, progress=False)

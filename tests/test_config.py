@@ -67,7 +67,7 @@ def test_resolved_config_round_trips(tmp_path):
 def test_overrides_index_into_lists_of_defaults():
     cfg = load_config(None, ["train.stages.0.lr=0.5", "train.stages.0.trainable=head"])
     assert cfg.train.stages[0].lr == 0.5 and cfg.train.stages[0].trainable == "head"
-    with pytest.raises(ImgclfError, match="'3' is not an index of a 1-item list"):
+    with pytest.raises(ImgclfError, match="'3' is not an index of a 2-item list"):
         load_config(None, ["train.stages.3.lr=0.5"])
 
 

@@ -174,7 +174,11 @@ class StageConfig(_Strict):
     trainable: str | dict[str, Any] = Field(
         "all", description="head | all | {last_blocks: N} | {last_fraction: F} | {from_layer: NAME}"
     )
-    epochs: int = Field(1, ge=1)
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="auto: from the number of training images, resolved when the run starts "
+        "(head-only stages 2-10 epochs, others 3-30; train/recipe.py)",
+    )
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -219,6 +223,17 @@ class StageConfig(_Strict):
         return self
 
 
+# The recipe `imgclf train` uses when a config names no stages: transfer learning in two stages,
+# each as long as the data size calls for (train/recipe.py). bn: eval keeps the pretrained
+# BatchNorm statistics while fine-tuning (see configs/digits_lite0.yaml).
+DEFAULT_STAGES: tuple[dict[str, Any], ...] = (
+    {"name": "head", "trainable": "head", "epochs": "auto", "optimizer": "adamw", "lr": 3e-3,
+     "schedule": "cosine"},
+    {"name": "finetune", "trainable": "all", "epochs": "auto", "optimizer": "adamw", "lr": 3e-4,
+     "schedule": "cosine", "warmup_epochs": 1, "bn": "eval"},
+)  # fmt: skip
+
+
 class AugmentConfig(_Strict):
     """A preset, with any single transform overridable (None: the preset's value)."""
 
@@ -239,7 +254,11 @@ class AugmentConfig(_Strict):
 
 class EarlyStopping(_Strict):
     metric: EpochMetric = "val_loss"
-    patience: int | None = Field(None, ge=1, description="None: never stop early")
+    patience: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="epochs without improvement before a stage ends; None: never stop early; "
+        "auto: 3 for stages with epochs: auto, never for stages with a fixed number of epochs",
+    )
     min_delta: float = Field(0.0, ge=0)
 
 
@@ -259,7 +278,14 @@ class TrainConfig(_Strict):
     cutmix: float = Field(0.0, ge=0, description="Beta(α, α); 0 = off")
     grad_clip: float | None = Field(None, gt=0)
     accumulate: int = Field(1, ge=1)
-    stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [StageConfig(**s) for s in DEFAULT_STAGES],
+        min_length=1,
+        description="trained in order; the default: a new head on the frozen backbone, then "
+        "the whole model at a 10x lower lr with BatchNorm on its pretrained statistics, each "
+        "for auto epochs (on a random backbone the head stage is skipped and BatchNorm "
+        "learns its statistics)",
+    )
     early_stopping: EarlyStopping = EarlyStopping()
     best_metric: EpochMetric = Field("val_accuracy", description="chooses the saved best epoch")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"

@@ -21,7 +21,12 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="section.key=value …")] = None,
     model: Annotated[str | None, typer.Option(help="model.name (`imgclf models`)")] = None,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="epochs of the run's single stage")
+        int | None,
+        typer.Option(
+            min=1,
+            help="epochs of the run's single stage; with no stages configured, one "
+            "whole-model stage of that many epochs instead of the default two-stage recipe",
+        ),
     ] = None,
     image_size: Annotated[int | None, typer.Option(help="data.image_size")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue this run folder")] = None,
@@ -86,7 +91,12 @@ def _train_shortcuts(
     if image_size is not None:
         short.append(f"data.image_size={image_size}")
     if epochs is not None:
-        stages = load_config(config, overrides).train.stages
+        train = load_config(config, overrides).train
+        stages = train.stages
+        if "stages" not in train.model_fields_set:
+            # No stages written: --epochs asks for one whole-model stage of that length
+            # instead of the default two-stage recipe with auto epochs.
+            return [*short, f"train.stages=[{{epochs: {epochs}}}]", *overrides]
         if len(stages) > 1:
             raise ImgclfError(
                 f"--epochs sets the epochs of a single stage, and this config has {len(stages)}: "

@@ -300,8 +300,13 @@ def _pruner(spec: SweepConfig, tree: dict) -> optuna.pruners.BasePruner:
             n_startup_trials=p.startup_trials, n_warmup_steps=p.warmup_epochs
         )
     if p.type == "hyperband":
-        epochs_swept = any("epochs" in k for k in spec.parameters) or spec.method == "list"
-        total = sum(int(s["epochs"]) for s in tree["train"]["stages"])
+        epochs = [s["epochs"] for s in tree["train"]["stages"]]
+        # `epochs: auto` is known only once a trial sees its data: Optuna learns the maximum
+        # from the trials, as when the epochs are swept.
+        epochs_swept = (
+            any("epochs" in k for k in spec.parameters) or spec.method == "list" or "auto" in epochs
+        )
+        total = sum(int(e) for e in epochs if e != "auto")
         return optuna.pruners.HyperbandPruner(
             min_resource=p.min_epochs,
             max_resource="auto" if epochs_swept else max(total, p.min_epochs),

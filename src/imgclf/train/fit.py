@@ -66,6 +66,9 @@ class FitContext:
     # time.monotonic() by which the run must end (`imgclf fit`'s budget): no epoch is started
     # that the last one's duration says would end past it; None: no limit.
     deadline: float | None = None
+    # Early-stopping patience per stage, as train/recipe.py resolves `auto`; None: the config's
+    # train.early_stopping.patience for every stage.
+    patience: tuple[int | None, ...] | None = None
 
 
 class Pruned(Exception):
@@ -95,6 +98,9 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
     stages = ctx.cfg.stages
     while state.stage < len(stages):
         stage = stages[state.stage]
+        if stage.epochs == 0:  # skipped by the recipe (train/recipe.py)
+            state.stage += 1
+            continue
         warn_head_only(ctx, state, stage)
         optimizer, schedule = _stage_setup(ctx, stage, resume)
         resume = None
@@ -103,7 +109,7 @@ def fit(ctx: FitContext, state: FitState, resume: dict | None = None) -> FitStat
             began = time.monotonic()
             if not epoch_fn(ctx, state, stage, optimizer, schedule):
                 return state
-            if _should_stop_early(ctx.cfg, state):
+            if _should_stop_early(ctx, state):
                 ctx.log(f"early stopping: stage {state.stage} ends after epoch {state.epoch}")
                 state.epoch = stage.epochs
             elif _out_of_time(ctx, time.monotonic() - began):
@@ -371,7 +377,7 @@ def _track_best(ctx: FitContext, state: FitState, row: dict) -> None:
         }
         ctx.run.write_weights(ctx.raw_model.state_dict())
     es = ctx.cfg.early_stopping
-    if es.patience is None:
+    if _patience(ctx, state) is None:
         return
     if es.metric not in row:
         raise ValueError(
@@ -384,8 +390,18 @@ def _track_best(ctx: FitContext, state: FitState, row: dict) -> None:
         p["bad"] = p.get("bad", 0) + 1
 
 
-def _should_stop_early(cfg: TrainConfig, state: FitState) -> bool:
-    patience = cfg.early_stopping.patience
+def _patience(ctx: FitContext, state: FitState) -> int | None:
+    """The current stage's early-stopping patience."""
+    if ctx.patience is not None:
+        return ctx.patience[state.stage]
+    patience = ctx.cfg.early_stopping.patience
+    if patience == "auto":
+        raise ValueError("early_stopping.patience: auto is resolved by train/recipe.py first")
+    return patience
+
+
+def _should_stop_early(ctx: FitContext, state: FitState) -> bool:
+    patience = _patience(ctx, state)
     return patience is not None and state.patience.get("bad", 0) >= patience
 
 

@@ -28,6 +28,7 @@ from imgclf.data.prepare import prepare
 from imgclf.errors import ImgclfError
 from imgclf.models import build_model
 from imgclf.train.loop import EpochState, train_one_epoch
+from imgclf.train.recipe import resolve_recipe
 from imgclf.train.step import (
     assemble,
     maybe_compile,
@@ -89,7 +90,10 @@ def bench_train(
         t0 = time.perf_counter()
         model, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
         model = prepare_model(cfg, parts, model)
-        stage = cfg.train.stages[0]
+        # The first stage a run would train, its `auto` epochs as numbers (train/recipe.py).
+        random_backbone = model.spec.get("pretrained") == "none"
+        n_train = len(manifest.split_entries("train"))
+        stage = resolve_recipe(cfg.train, n_train, random_backbone).first_trained
         built = setup_stage(
             fabric, model, stage, steps + warmup + 1, compiled=maybe_compile(cfg, model)
         )

@@ -18,6 +18,7 @@ from imgclf.models import build_model, set_train_mode
 from imgclf.progress import progress_bar
 from imgclf.train.losses import build_loss
 from imgclf.train.lr_find import LRFindResult, lr_find, plot_lr_find
+from imgclf.train.recipe import resolve_recipe
 from imgclf.train.step import assemble, prepare_model, seed_everything, setup_stage
 from imgclf.workflows.training import warm_start
 
@@ -43,7 +44,11 @@ def find_lr(
     if cfg.model.init_from:  # e.g. a trained head, before unfreezing (imgclf fit)
         warm_start(raw, cfg.model.init_from, lambda *_: None)
     raw = prepare_model(cfg, parts, raw)
-    stage = cfg.train.stages[0]
+    # The first stage a run would train (the default recipe skips its head stage on a random
+    # backbone); its epochs do not matter here.
+    random_backbone = raw.spec.get("pretrained") == "none"
+    stage = resolve_recipe(cfg.train, len(manifest.split_entries("train")), random_backbone)
+    stage = stage.first_trained
     # No schedule: the sweep sets every group's lr itself.
     built = setup_stage(fabric, raw, stage, None)
     model, optimizer = built.model, built.optimizer

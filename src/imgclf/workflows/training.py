@@ -48,6 +48,7 @@ from imgclf.train.feature_cache import FeatureCache, StageFeatures, default_cach
 from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag
 from imgclf.train.losses import batch_mixer, build_loss, describe_imbalance, imbalance_record
+from imgclf.train.recipe import resolve_recipe
 from imgclf.train.step import StepParts, assemble, maybe_compile, prepare_model, seed_everything
 from imgclf.workflows.finalize import finalize
 
@@ -101,11 +102,18 @@ def _train(
     # After the data (rank 0 alone scans): every rank's generators start from the same point.
     seed_everything(cfg.seed + world.rank)
     labels = list(manifest.labels.names)
-    check_watched_metrics(cfg.train, len(labels))
     model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
     warm = None
     if cfg.model.init_from:  # said once: a resumed run has it in its log and summary already
         warm = warm_start(model, cfg.model.init_from, log if checkpoint is None else _silent)
+    random_backbone = _random_backbone(cfg, model, warm)
+    # `auto` epochs and patience as numbers: config.yaml and the identity keep `auto`, the rest
+    # of the run (fit, finalize, summary.json's config) sees `run_cfg`.
+    recipe = resolve_recipe(cfg.train, len(manifest.split_entries("train")), bool(random_backbone))
+    for line in recipe.lines:
+        log(line)
+    run_cfg = cfg.model_copy(update={"train": recipe.train})
+    check_watched_metrics(cfg.train, len(labels), recipe.patience)
     identity = {
         "config": config_hash(resolve(cfg)),
         "data": manifest.data_hash(),
@@ -117,6 +125,7 @@ def _train(
         if world.is_zero:
             run = RunDir.create(cfg.runs_dir, new_run_id(cfg.model.name, cfg.name))
             _write_run_header(run, cfg, manifest, manifest_dir, pre, model, identity, world)
+            _record_recipe(run, run_cfg, pre)
         path = fabric.broadcast(str(run.path) if run else None, src=0)
         run = run or RunDir(Path(path), writer=False)
         state = FitState(warnings=[warm["warning"]] if warm and warm["warning"] else [])
@@ -126,7 +135,7 @@ def _train(
         state = restore(checkpoint, model, run.path / CHECKPOINT, world.rank, world.size, log)
         log(f"resuming {run.id} at stage {state.stage}, epoch {state.epoch}")
     started = _Started(
-        cfg=cfg,
+        cfg=run_cfg,
         run=run,
         manifest=manifest,
         model=model,
@@ -134,7 +143,8 @@ def _train(
         identity=identity,
         state=state,
         checkpoint=checkpoint,
-        random_backbone=_random_backbone(cfg, model, warm),
+        random_backbone=random_backbone,
+        patience=recipe.patience,
     )
     return _fit_and_finish(
         started, parts, progress=progress, log=log, on_epoch=on_epoch, deadline=deadline
@@ -155,17 +165,21 @@ class _Started:
     state: FitState
     checkpoint: dict | None
     random_backbone: str  # why the backbone starts from random weights ("" when it does not)
+    patience: tuple[int | None, ...]  # early stopping per stage (train/recipe.py)
 
 
 def _silent(*_args, **_kwargs) -> None:
     return None
 
 
-def check_watched_metrics(t: TrainConfig, num_classes: int) -> None:
+def check_watched_metrics(
+    t: TrainConfig, num_classes: int, patience: tuple[int | None, ...] | None = None
+) -> None:
     """A metric the run watches but will not measure (val_top5 with 5 classes or fewer) fails
-    before the first epoch, not after it."""
+    before the first epoch, not after it. `patience`: per stage, as the recipe resolved it."""
     watched = {"train.best_metric": t.best_metric}
-    if t.early_stopping.patience is not None:
+    stops = t.early_stopping.patience is not None if patience is None else any(patience)
+    if stops:
         watched["train.early_stopping.metric"] = t.early_stopping.metric
     for i, stage in enumerate(t.stages):
         if stage.schedule == "plateau":
@@ -225,6 +239,7 @@ def _fit_and_finish(
         data_advice=_data_advice(cfg, train_loader, fabric.device.type, fabric.world_size),
         random_backbone=started.random_backbone,
         deadline=deadline,
+        patience=started.patience,
     )
     with run.lock():
         if started.checkpoint is not None and run.writer:
@@ -307,7 +322,7 @@ def _stage_features(cfg: RunConfig, pre, data_hash: str) -> StageFeatures | None
 def _write_run_header(
     run: RunDir, cfg, manifest: Manifest, manifest_dir, pre, model, identity, world: World
 ):
-    run.write_config(dump_yaml(cfg))
+    run.write_config(dump_yaml(cfg))  # as written: `auto` stays `auto`
     device = "cuda" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "cpu"
     images = len(manifest.split_entries("train"))
     workers = resolve_workers(cfg.train.workers, images, device, world.size)
@@ -347,6 +362,12 @@ def _write_run_header(
             "config": shown_config(resolve(cfg), pre.input_size),
         },
     )
+
+
+def _record_recipe(run: RunDir, run_cfg: RunConfig, pre) -> None:
+    """summary.json's `config` with the numbers `auto` became (config.yaml keeps `auto`)."""
+    shown = shown_config(resolve(run_cfg), pre.input_size)
+    run.write_json(SUMMARY_JSON, {**run.read_json(SUMMARY_JSON), "config": shown})
 
 
 def warm_start(model: torch.nn.Module, source: Path, log) -> dict[str, Any]:

@@ -81,9 +81,9 @@ def test_augmentation_and_imbalance_follow_the_data_and_say_why():
     assert aug["hflip"] == 0 and "mirror" in why
     aug, why = fit_plan.augmentation(profile(300))
     assert aug == {"preset": "default"} and "photo" in why
-    assert fit_plan.imbalance(profile(300, counts=(100, 10, 50)))[0] == "weighted_loss"
-    mode, why = fit_plan.imbalance(profile(300, counts=(60, 50, 40)))
-    assert mode == "none" and "1.5×" in why
+    assert fit_plan.imbalance(profile(300, counts=(110, 10, 50)))[0] == "weighted_loss"
+    mode, why = fit_plan.imbalance(profile(300, counts=(60, 50, 10)))
+    assert mode == "none" and "6.0×" in why
 
 
 def test_finetune_lr_is_a_tenth_of_where_the_loss_starts_to_rise():

@@ -64,6 +64,8 @@ FINETUNE_LR = (1e-5, 1e-3)
 SCRATCH_LR = (1e-4, 1e-2)
 # Seconds allowed per phase beyond measured speeds: model building, loaders, MLflow, plots.
 RUN_OVERHEAD = 8.0
+# Fine-tuning a backbone for fewer epochs than this rarely beats its linear probe.
+MIN_FINETUNE_EPOCHS = 8
 _BOARD = ("val_accuracy", "val_loss", "train_s")  # the fit leaderboard's metric columns
 
 
@@ -313,17 +315,19 @@ class _Fitter:
                 stages = [_scratch_stage(self._scratch_epochs(c, share))]
                 cfg = self._config(c, "screen", stages, features=False)
             else:
+                # A linear probe, trained to convergence: on cached features of the images
+                # as they are (no augmentation), 30 epochs cost seconds after the feature pass.
                 stages = [
                     {
                         "name": "head",
                         "trainable": "head",
-                        "epochs": 10,
+                        "epochs": 30,
                         "optimizer": "adamw",
-                        "lr": 3e-3,
+                        "lr": 1e-2,
                         "schedule": "cosine",
                     }
                 ]
-                cfg = self._config(c, "screen", stages, features=True)
+                cfg = self._config(c, "screen", stages, features=True, augment={"preset": "none"})
                 # The feature pass must run whole: the deadline is the fit's, not the share.
                 share = max(share, self.left() - self._reserve())
             cand["screen"] = self._train(cfg, "screen", c.key, share)
@@ -338,6 +342,7 @@ class _Fitter:
         if not ranked:
             raise ImgclfError("no candidate finished screening within the budget: give more --time")
         keep = fit_plan.QUALITIES[self.opts.quality].survivors
+        keep = self._survivors_that_fit(ranked, keep)
         survivors = [c["key"] for c in ranked[:keep]]
         self.record["survivors"] = survivors
         self.decide(
@@ -345,6 +350,25 @@ class _Fitter:
             + ", ".join(f"{c['key']} {_score(c['screen']):.4f}" for c in ranked)
             + f"; fine-tuning {', '.join(survivors)}"
         )
+
+    def _survivors_that_fit(self, ranked: list[dict], keep: int) -> int:
+        """Fewer survivors when the fine-tuning time would give each fewer than
+        `MIN_FINETUNE_EPOCHS` epochs (the best one's speed, from its screening run): on a CPU
+        one well-trained model beats two half-trained ones."""
+        rate = self._train_rate(_candidate(ranked[0]))
+        if not rate or keep <= 1:
+            return keep
+        prof = self._profile()
+        epoch = prof.train / rate + prof.val / (3 * rate)
+        time_left = self.left() - self._reserve()
+        fits = max(1, int(time_left // (MIN_FINETUNE_EPOCHS * epoch)))
+        if fits < keep:
+            self.decide(
+                f"fine-tuning {fits} of {keep} candidates: an epoch of the best takes about "
+                f"{epoch:.0f} s and {time_left:.0f} s are left, so more would each get fewer "
+                f"than {MIN_FINETUNE_EPOCHS} epochs"
+            )
+        return min(keep, fits)
 
     def _scratch_epochs(self, c: Candidate, seconds: float) -> int:
         rate = _speed(c, self.record["machine"]["device"], train=True)
@@ -611,6 +635,7 @@ class _Fitter:
         *,
         features: bool,
         init_from: Path | None = None,
+        augment: dict | None = None,
     ) -> RunConfig:
         s = self.record["settings"]
         raw: dict[str, Any] = {
@@ -626,7 +651,7 @@ class _Fitter:
             },
             "train": {
                 "batch_size": s["batch_size"],
-                "augment": s["augment"],
+                "augment": augment or s["augment"],
                 "imbalance": s["imbalance"],
                 "label_smoothing": 0.1,
                 "stages": stages,

@@ -21,8 +21,10 @@ SCRATCH = "scratch_small"
 # Below this median short side, images are "small": upsampling them to 224 px costs compute
 # and shows a backbone nothing new, and a from-scratch CNN at their own size is a candidate.
 SMALL_SIDE = 64
-# Classes whose sizes differ by more than this factor get a class-weighted loss.
-IMBALANCE_RATIO = 3.0
+# Classes whose sizes differ by more than this factor get a class-weighted loss. Below it,
+# weighting trades plain accuracy for balanced accuracy, which a user asking for "the best
+# model" did not ask for (the scan still notes imbalance from 3× and names train.imbalance).
+IMBALANCE_RATIO = 10.0
 
 
 @dataclass(frozen=True)

@@ -334,6 +334,35 @@ def export_path(check: Check) -> tuple[str, dict]:
     return f"parity on {result.images} {result.source} images: {diff:.1e}", {"max_abs_diff": diff}
 
 
+def fit_path(check: Check) -> tuple[str, dict]:
+    """`imgclf fit` end to end on the device (a scratch CNN only in the CPU smoke run): the
+    budget, the last three lines and a chosen folder."""
+    budget = 20 if check.smoke else 150
+    args = ["fit", str(check.tiny), "--time", f"{budget}s", "--device", check.device.type]
+    args += ["--runs-dir", str(check.work / "runs" / "fit"), "--fits-dir", str(check.work / "fits")]
+    args += ["--no-mlflow", "--no-progress"]
+    args += ["--models", "scratch_small"] if check.smoke else ["--quality", "good"]
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        check.imgclf(*args),
+        cwd=check.work,
+        env=check.env,
+        capture_output=True,
+        text=True,
+        timeout=budget * 3 + 120,
+    )
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"imgclf fit exited {done.returncode}: {done.stderr[-600:]}")
+    chosen, acc, bal = (line.split(": ", 1)[1] for line in done.stdout.strip().splitlines()[-3:])
+    if not Path(chosen).is_dir():
+        raise RuntimeError(f"the chosen folder {chosen} does not exist")
+    if seconds > budget * 1.1 + 30:  # + the interpreter's start and the imports
+        raise RuntimeError(f"{seconds:.0f} s for a {budget} s budget")
+    figures = {"seconds": round(seconds, 1), "budget": budget, "test_accuracy": float(acc)}
+    return f"{Path(chosen).name}: test accuracy {acc}, balanced {bal}, {seconds:.0f} s", figures
+
+
 def torchrun_path(check: Check) -> tuple[str, dict]:
     runs = check.work / "runs" / "torchrun"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
@@ -414,6 +443,7 @@ FUNCTIONAL = [
     ("evaluate", "evaluate the standard run", evaluate_path),
     ("export-onnx", "ONNX export of the standard run + parity", export_path),
     ("torchrun-1", "torchrun --nproc_per_node 1 -m imgclf train", torchrun_path),
+    ("fit", "imgclf fit on the device, with its time budget", fit_path),
     ("mlflow-mirror", "mirror the standard run to MLflow", mlflow_path),
     ("sweep-optuna", "imgclf sweep, 2 trials (Optuna storage)", sweep_path),
     ("serve-fastapi", "serve the standard run (FastAPI)", serve_path),

@@ -15,7 +15,7 @@ HIDDEN_ROWS = {"mlflow-mirror": "mlflow", "sweep-optuna": "optuna", "serve-fasta
 PATHS = {
     "standard", "cache-memory-host", "cache-memory-device", "cache-disk-host",
     "bf16-channels-last", "fp32-contiguous", "compile", "kill-resume", "predict", "evaluate",
-    "export-onnx", "torchrun-1", "mlflow-mirror", "sweep-optuna", "serve-fastapi",
+    "export-onnx", "torchrun-1", "fit", "mlflow-mirror", "sweep-optuna", "serve-fastapi",
     "tp-data", "tp-a", "tp-b", "tp-c", "tp-c-present", "tp-d", "tp-c-model2", "tp-d-model2",
 }  # fmt: skip
 

@@ -115,12 +115,12 @@ def test_the_fit_report_renders_in_chromium_from_disk(fit_report, chromium):
     assert len(chromium.find_elements("css selector", "#decisions li")) >= 4
     assert len(chromium.find_elements("css selector", "#candidates tr")) == 2  # header + 1
     record = json.loads((fit_report.parent / "fit.json").read_text())
-    runs = [
-        c[r]["run"]
+    runs = {
+        r["run"]
         for c in record["candidates"]
-        for r in ("screen", "finetune")
-        if (c[r] or {}).get("run")
-    ]
+        for r in [c["screen"], c["finetune"], *c.get("rounds", [])]
+        if (r or {}).get("run")
+    }
     curves = natural_widths(chromium, "#curves img")
     assert runs and len(curves) == len(runs) and all(w > 0 for w in curves), curves
     ARTIFACTS.mkdir(exist_ok=True)

@@ -27,9 +27,13 @@ def write_fit_report(folder: str | Path) -> Path:
         raise ImgclfError(f"cannot read {folder / FIT_JSON}: {e}") from e
     curves = []
     for c in fit.get("candidates", []):
-        for role in ("screen", "finetune"):
-            run = (c.get(role) or {}).get("run")
-            if run:
+        parts = [("screen", c.get("screen")), ("finetune", c.get("finetune"))]
+        parts += [(f"round {i + 1}", r) for i, r in enumerate(c.get("rounds") or [])]
+        seen = set()
+        for role, record in parts:
+            run = (record or {}).get("run")
+            if run and run not in seen:
+                seen.add(run)
                 curves.append(
                     {
                         "title": f"{c['key']} · {role} · {Path(run).name}",

@@ -385,6 +385,7 @@ class _Fitter:
             if cand["finetune"] and cand["finetune"].get("done"):
                 continue
             share = (self.left() - self._reserve()) / (len(keys) - i)
+            ends = time.monotonic() + share
             if share < 15:
                 self.decide(f"{key}: not fine-tuned, the budget is spent (its screening run stays)")
                 continue
@@ -400,27 +401,47 @@ class _Fitter:
             prof = self._profile()
             epoch = prof.train / rate + prof.val / (3 * rate)
             epochs = int(max(1, min(40, (share - RUN_OVERHEAD) // max(epoch, 1e-3))))
-            stage = (
-                _scratch_stage(epochs, lr)
-                if c.scratch
-                else {
-                    "name": "finetune",
-                    "trainable": "all",
-                    "epochs": epochs,
-                    "optimizer": "adamw",
-                    "lr": lr,
-                    "schedule": "cosine",
-                    # Adam's first steps move every weight by about the lr whatever its
-                    # gradient: without a warm-up they wreck pretrained features (measured:
-                    # digits val accuracy 0.91 → 0.41 in the first epoch at 5e-4).
-                    "warmup_epochs": 1.0 if epochs >= 4 else 0.5,
-                    "bn": "eval",
-                }
-            )
+            stage = _finetune_stage(c, epochs, lr)
             cfg = self._config(c, "finetune", [stage], features=False, init_from=start)
             self.display.item(f"fine-tuning {key}: {epochs} epochs at most")
             cand["finetune"] = self._train(cfg, "finetune", key, share)
             cand["finetune"].update(lr=lr, lr_why=why, planned_epochs=epochs)
+            self.save()
+            self._more_rounds(c, cand, lr, ends)
+
+    def _more_rounds(self, c: Candidate, cand: dict, lr: float, ends: float) -> None:
+        """Further rounds while the candidate's share holds 3 epochs more, at the speed its
+        last round really had (the LR range test's own speed includes start-up costs, so the
+        first plan falls short): each warm-starts from the best weights so far at a third of
+        the lr, with its own warm-up and cosine decay; the better round is the candidate's."""
+        rounds = 1
+        cand.setdefault("rounds", [dict(cand["finetune"])])
+        while True:
+            last = cand["finetune"]
+            if _score(last) is None or not last.get("epochs"):
+                return
+            epoch = max(1.0, (last["seconds"] - RUN_OVERHEAD) / last["epochs"])
+            left = ends - time.monotonic()
+            epochs = int(min(40, (left - RUN_OVERHEAD) // epoch))
+            if epochs < 3:
+                return
+            rounds, lr = rounds + 1, lr / 3
+            role = f"finetune{rounds}"
+            self.decide(
+                f"{c.key}: {left:.0f} s of its share left (an epoch takes {epoch:.0f} s): "
+                f"{epochs} more epochs from its best weights at lr {lr:.2e}"
+            )
+            stage = _finetune_stage(c, epochs, lr)
+            cfg = self._config(c, role, [stage], features=False, init_from=Path(last["run"]))
+            more = self._train(cfg, role, c.key, left)
+            more.update(lr=lr, planned_epochs=epochs)
+            cand["rounds"].append(more)
+            if _score(more) is not None and _score(more) >= _score(last):
+                cand["finetune"] = more
+            else:
+                cand["finetune"] = {**last, "done": True}
+                self.save()
+                return
             self.save()
 
     def _lr(self, c: Candidate, start: Path | None, share: float) -> tuple[float, str, float]:
@@ -515,7 +536,7 @@ class _Fitter:
                 )
         elif not hflip:
             self.decide("flip TTA not tried: the models trained without flips")
-        members = [r["run"] for _, r in ranked[:3] if r.get("role") == "finetune"]
+        members = [r["run"] for _, r in ranked[:3] if r.get("role", "").startswith("finetune")]
         if fit_plan.QUALITIES[self.opts.quality].ensemble and len(members) >= 2:
             acc, kept = ensemble_check([Path(m) for m in members], chosen["val_accuracy"])
             self.record["ensemble"] = {"members": members, "val_accuracy": acc, "kept": kept}
@@ -617,13 +638,15 @@ class _Fitter:
         backbone's measured speed (its feature pass read every training and val image)."""
         prof = self._profile()
         rates = [
-            (prof.train + prof.val) / c["screen"]["seconds"]
+            (prof.train + 2 * prof.val) / max(1.0, c["screen"]["seconds"] - RUN_OVERHEAD)
             for c in self.record["candidates"]
             if c["pretrained"] != "none" and _score(c["screen"]) is not None
         ]
         if not rates:
             return max(15.0, 0.1 * self.opts.budget)
-        survivors = fit_plan.QUALITIES[self.opts.quality].survivors
+        survivors = len(self.record.get("survivors") or ()) or (
+            fit_plan.QUALITIES[self.opts.quality].survivors
+        )
         images = 2 * prof.val + prof.test * (1 + survivors)
         return RUN_OVERHEAD * 2 + 1.3 * images / min(rates)
 
@@ -738,6 +761,26 @@ class _Fitter:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _finetune_stage(c: Candidate, epochs: int, lr: float) -> dict:
+    """The one stage of a fine-tuning round: every layer, AdamW, warm-up then cosine, the
+    pretrained BatchNorm statistics kept (a scratch CNN: its one-cycle stage)."""
+    if c.scratch:
+        return _scratch_stage(epochs, lr)
+    return {
+        "name": "finetune",
+        "trainable": "all",
+        "epochs": epochs,
+        "optimizer": "adamw",
+        "lr": lr,
+        "schedule": "cosine",
+        # Adam's first steps move every weight by about the lr whatever its gradient: without a
+        # warm-up they wreck pretrained features (measured: digits val accuracy 0.91 → 0.41 in
+        # the first epoch at 5e-4).
+        "warmup_epochs": 1.0 if epochs >= 4 else 0.5,
+        "bn": "eval",
+    }
 
 
 def _candidate(record: dict) -> Candidate:

@@ -5,7 +5,7 @@
         [--out bench_fast_path.json] [--sheet fast_path_sheet.png]
 
 Pipelines, all on the same generated JPEG folder (made once under $IMGCLF_CACHE/bench/), the
-same model, batch, precision (bf16 autocast on a GPU) and memory format (channels_last on a GPU):
+same model, batch, precision (bf16 autocast on a GPU) and memory format (channels_last, as a run):
   (a) conventional — written here: torchvision ImageFolder + Pillow DataLoader (RandomResizedCrop
       + flip, pinned memory, persistent workers) and a plain PyTorch loop;
   (b) imgclf standard — imgclf's DataLoader pipeline (the one image loader, per-sample seeds)
@@ -47,7 +47,13 @@ from imgclf.data.example import cache_dir
 from imgclf.data.prepare import prepare
 from imgclf.models import build_model, set_train_mode
 from imgclf.train.loop import EpochState, train_one_epoch
-from imgclf.train.step import assemble, prepare_model, seed_everything, setup_stage
+from imgclf.train.step import (
+    assemble,
+    default_channels_last,
+    prepare_model,
+    seed_everything,
+    setup_stage,
+)
 
 from photos import dataset
 
@@ -88,9 +94,14 @@ class Clock:
         }
 
 
+def channels_last(device) -> bool:
+    """imgclf's default memory format on this device, for the reference loops too."""
+    return default_channels_last(device.type)
+
+
 def setup(args, device, model_name: str):
     model = timm.create_model(model_name, num_classes=10, pretrained=False).to(device)
-    if device.type == "cuda":
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     fused = {"fused": True} if device.type == "cuda" else {}
     return model, torch.optim.AdamW(model.parameters(), lr=1e-3, **fused)
@@ -123,7 +134,7 @@ def conventional(args, folder: Path, workers: int, device) -> dict:
         count = [0, lambda b: len(b[0])]
         for x, y in clock.watch(loader, count):
             x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if channels_last(device):
                 x = x.contiguous(memory_format=torch.channels_last)
             step(model, opt, x, y.to(device, non_blocking=True))
         clock.end_epoch(count[0])
@@ -243,7 +254,7 @@ def main() -> None:
         "size": args.size,
         "batch": args.batch,
         "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
-        "memory_format": "channels_last" if device.type == "cuda" else "contiguous",
+        "memory_format": "channels_last" if channels_last(device) else "contiguous",
         "images": args.images,
         "photo": args.photo,
         "epochs": args.epochs,

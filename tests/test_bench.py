@@ -28,7 +28,12 @@ def test_bench_train_runs_the_three_pipelines_and_builds_the_cache_once(tmp_path
     assert rows["cached"]["cache_build_s"] > 0 and rows["standard"]["cache_build_s"] == 0
     assert rows["synthetic"]["of_limit"] == 1.0
     assert out["setup"]["batch_size"] == 8 and out["setup"]["precision"] == "32-true"
-    again = invoke("bench", "train", *args, "--steps", 2, "--warmup", 0, "--pipelines", "cached")
+    assert out["setup"]["memory_format"] == "channels_last", "the default on the CPU too"
+    again = invoke(
+        "bench", "train", *args, "train.channels_last=false", "--steps", 2, "--warmup", 0,
+        "--pipelines", "cached",
+    )  # fmt: skip
+    assert again["setup"]["memory_format"] == "contiguous"
     assert [r["pipeline"] for r in again["rows"]] == ["cached"]
     assert again["rows"][0]["cache_build_s"] == 0, "the second run reuses the cache entry"
 

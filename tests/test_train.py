@@ -316,3 +316,13 @@ def test_the_final_predictions_and_mirror_show_progress_only_when_asked(
         cfg = cfg_for(data, tmp_path, "train.stages=[{epochs: 1}]", "tracking.mlflow=true")
         train(cfg, progress=progress, log=str)
         assert shown == [("predicting", progress), ("predicting", progress), ("MLflow:", progress)]
+
+
+def test_channels_last_is_the_default_on_cuda_and_the_cpu_and_a_run_can_turn_it_off():
+    from imgclf.config import validate
+    from imgclf.train.step import use_channels_last
+
+    on, off = validate({}), validate({"train": {"channels_last": False}})
+    assert use_channels_last(on, "cpu") and use_channels_last(on, "cuda")
+    assert not use_channels_last(on, "mps"), "other devices keep the contiguous layout"
+    assert not use_channels_last(off, "cpu") and not use_channels_last(off, "cuda")

@@ -289,7 +289,7 @@ class TrainConfig(_Strict):
     early_stopping: EarlyStopping = EarlyStopping()
     best_metric: EpochMetric = Field("val_accuracy", description="chooses the saved best epoch")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    channels_last: bool | None = Field(None, description="None: on for GPU")
+    channels_last: bool | None = Field(None, description="None: on for CUDA and the CPU")
     accelerator: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     max_bad_images: int = Field(100, ge=0, description="images failing mid-run before stopping")
     features: Literal["none", "cache"] = Field(

@@ -889,11 +889,15 @@ def _speed(c: Candidate, device: str, *, train: bool) -> float:
 
     from imgclf.config import ModelConfig
     from imgclf.models import build_model
+    from imgclf.train.step import default_channels_last
 
     model, _ = build_model(ModelConfig(name=c.model, pretrained="none"), 10, c.image_size)
     model = model.to(device)
     n = 8
     x = torch.randn(n, 3, c.image_size, c.image_size, device=device)
+    if default_channels_last(torch.device(device).type):  # the memory format runs train in
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     model.train(train)
     times = []
     for _ in range(3):

@@ -134,3 +134,42 @@ def test_saved_ensemble_round_trip(runs, tmp_path):
     shutil.rmtree(copies[1])
     with pytest.raises(ImgclfError, match="missing"):
         load_predictor(folder)
+
+
+def test_a_fit_exports_an_ensemble_of_differently_sized_members_one_graph_each(runs, tmp_path):
+    """One ONNX input cannot feed members at 32 and 24 px: `imgclf fit` exports each member on
+    its own, and ensemble.json says how to combine them; done as it says, onnxruntime gives the
+    ensemble's own probabilities."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+
+    from imgclf.predict.onnx_preprocess import preprocess_batch
+    from imgclf.workflows.fit import export_chosen
+
+    copies = [tmp_path / "runs" / r.name for r in runs]
+    for r, c in zip(runs, copies, strict=True):
+        shutil.copytree(r, c)
+    folder = save_ensemble(copies, "mixed", runs_dir=tmp_path / "runs")
+    record = export_chosen(folder, tmp_path / "export", log=lambda *_: None)
+    assert [m["folder"] for m in record["members"]] == [c.name for c in copies]
+    assert all(m["parity"] <= 1e-4 for m in record["members"])
+    spec = json.loads((tmp_path / "export" / "ensemble.json").read_text())
+    assert spec["vote"] == "soft" and spec["members"] == [c.name for c in copies]
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)) for _ in range(3)]
+    parts = []
+    for name in spec["members"]:
+        meta = json.loads((tmp_path / "export" / name / "model.json").read_text())
+        session = ort.InferenceSession(str(tmp_path / "export" / name / "model.onnx"))
+        x = preprocess_batch(images, meta["preprocessing"])
+        parts.append(
+            np.concatenate([session.run(None, {"image": x[i : i + 1]})[0] for i in range(3)])
+        )
+    w = np.asarray(spec["weights"], np.float32)[:, None, None]
+    combined = (w * np.stack(parts)).sum(0) / w.sum()
+    want = load_predictor(folder).predict_images(images).numpy()
+    assert np.abs(combined - want).max() < 1e-4
+    # a single run (or an ensemble that resizes alike) is still one graph
+    one = export_chosen(copies[0], tmp_path / "single", log=lambda *_: None)
+    assert "members" not in one and (tmp_path / "single" / "model.onnx").is_file()

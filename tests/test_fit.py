@@ -215,6 +215,14 @@ def test_a_scratch_cnn_wins_on_tiny_images_unlike_photos_within_the_budget(tmp_p
     board = (result.folder / "leaderboard.md").read_text()
     assert board.count("| 2026") + board.count("| 20") >= len(record["candidates"])
     assert any("flip TTA not tried" in line for line in lines)
+    # the ensemble check weighed the best run of each candidate (a probe where it was not
+    # fine-tuned): one per candidate, the scratch CNN's among them
+    members = [
+        json.loads((Path(m) / "summary.json").read_text()) for m in record["ensemble"]["members"]
+    ]
+    candidates = [m["tags"]["candidate"] for m in members]
+    assert len(candidates) >= 2 and len(set(candidates)) == len(candidates), candidates
+    assert "scratch_small" in [m["model"] for m in members]
 
 
 def test_a_pretrained_backbone_wins_on_photo_like_images(tmp_path):

@@ -47,6 +47,7 @@ from imgclf.evaluate.fit_report import LEADERBOARD_MD, write_fit_report
 from imgclf.files import atomic_write_json, atomic_write_text
 from imgclf.runs.layout import (
     CHECKPOINT,
+    ENSEMBLE_JSON,
     FIT_JSON,
     PREDICTIONS,
     SUMMARY_JSON,
@@ -603,10 +604,7 @@ class _Fitter:
         self.save()
         self.display.item("ONNX export")
         try:
-            from imgclf.predict.export import export_onnx
-
-            out = export_onnx(chosen["folder"], self.folder / EXPORT, log=self.log)
-            self.record["export"] = {"folder": str(out.folder), "parity": out.max_abs_diff}
+            self.record["export"] = self._export(chosen)
             if chosen["tta"]:
                 self.decide("the ONNX export is the model alone: apply flip TTA yourself")
         except Exception as e:  # the model is chosen and measured; an export failure is noted
@@ -614,6 +612,16 @@ class _Fitter:
             self.log(f"warning: ONNX export failed: {e}")
         self.save()
         self._leaderboard()
+
+    def _export(self, chosen: dict) -> dict:
+        record = export_chosen(Path(chosen["folder"]), self.folder / EXPORT, log=self.log)
+        if record.get("members"):
+            self.decide(
+                "ONNX: the ensemble's members resize differently, so each is exported on its "
+                f"own into {record['folder']}/, and {ENSEMBLE_JSON} there says how to combine "
+                "them"
+            )
+        return record
 
     def _leaderboard(self) -> None:
         from imgclf.runs.leaderboard import leaderboard
@@ -848,6 +856,41 @@ def _tag(folder: Path, tags: dict[str, str]) -> None:
     atomic_write_json(
         folder / SUMMARY_JSON, {**summary, "tags": {**summary.get("tags", {}), **tags}}
     )
+
+
+def export_chosen(folder: Path, out: Path, log=print) -> dict:
+    """A fit's chosen model as ONNX in `out`: one graph (parity-checked by `export_onnx`); for
+    an ensemble whose members resize or crop differently (Lite0 at 224 px with Lite1 at 240:
+    one graph input cannot feed both), one export per member in `out/<member>/` and
+    `out/ensemble.json`, which says how to combine them. Returns the fit record's `export`."""
+    from imgclf.predict.export import export_onnx
+    from imgclf.predict.predictor import load_predictor, read_model_json
+
+    if read_model_json(folder).get("kind") != "ensemble" or (
+        load_predictor(folder).preprocessing is not None
+    ):
+        done = export_onnx(folder, out, log=log)
+        return {"folder": str(done.folder), "parity": done.max_abs_diff}
+    spec = json.loads((folder / ENSEMBLE_JSON).read_text(encoding="utf-8"))
+    members = []
+    for name in spec["members"]:  # relative to the ensemble folder's parent
+        done = export_onnx(folder.parent / name, out / name, log=log)
+        members.append({"folder": name, "parity": done.max_abs_diff})
+    atomic_write_json(
+        out / ENSEMBLE_JSON,
+        {
+            "kind": "ensemble",
+            "vote": spec.get("vote", "soft"),
+            "weights": spec.get("weights"),
+            "labels": spec.get("labels"),
+            "members": [m["folder"] for m in members],
+            "how": "run each member's model.onnx on the image with that member's own "
+            "preprocessing (its model.json), then average the probabilities with these weights "
+            "('soft' vote), in the order of 'labels'",
+            "source": str(folder),
+        },
+    )
+    return {"folder": str(out), "members": members}
 
 
 def ensemble_check(members: list[Path], best: float) -> tuple[float | None, bool]:

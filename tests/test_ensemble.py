@@ -144,14 +144,14 @@ def test_a_fit_exports_an_ensemble_of_differently_sized_members_one_graph_each(r
     import onnxruntime as ort
     from PIL import Image
 
+    from imgclf.predict.export import export_model_or_members
     from imgclf.predict.onnx_preprocess import preprocess_batch
-    from imgclf.workflows.fit import export_chosen
 
     copies = [tmp_path / "runs" / r.name for r in runs]
     for r, c in zip(runs, copies, strict=True):
         shutil.copytree(r, c)
     folder = save_ensemble(copies, "mixed", runs_dir=tmp_path / "runs")
-    record = export_chosen(folder, tmp_path / "export", log=lambda *_: None)
+    record = export_model_or_members(folder, tmp_path / "export", log=lambda *_: None)
     assert [m["folder"] for m in record["members"]] == [c.name for c in copies]
     assert all(m["parity"] <= 1e-4 for m in record["members"])
     spec = json.loads((tmp_path / "export" / "ensemble.json").read_text())
@@ -171,5 +171,5 @@ def test_a_fit_exports_an_ensemble_of_differently_sized_members_one_graph_each(r
     want = load_predictor(folder).predict_images(images).numpy()
     assert np.abs(combined - want).max() < 1e-4
     # a single run (or an ensemble that resizes alike) is still one graph
-    one = export_chosen(copies[0], tmp_path / "single", log=lambda *_: None)
+    one = export_model_or_members(copies[0], tmp_path / "single", log=lambda *_: None)
     assert "members" not in one and (tmp_path / "single" / "model.onnx").is_file()

@@ -38,9 +38,10 @@ from PIL import Image
 
 from imgclf.errors import ImgclfError
 from imgclf.files import atomic_write_bytes, atomic_write_json
+from imgclf.predict.loading import read_definition
 from imgclf.predict.onnx_preprocess import preprocess_batch
 from imgclf.predict.predictor import load_predictor, read_model_json
-from imgclf.runs.layout import MODEL_JSON, MODEL_WEIGHTS, RunFolder
+from imgclf.runs.layout import ENSEMBLE, ENSEMBLE_JSON, MODEL_JSON, MODEL_WEIGHTS, RunFolder
 
 EXPORT_DIR = "export"
 MODEL_ONNX = "model.onnx"
@@ -113,6 +114,39 @@ def export_onnx(
         atomic_write_bytes(out / weights, (run / weights).read_bytes())
     atomic_write_json(out / MODEL_JSON, meta)
     return ExportResult(out, diff, len(images), source)
+
+
+def export_model_or_members(folder: Path, out: Path, log=print) -> dict:
+    """A run-like folder as ONNX in `out`: one graph (`export_onnx`); for an ensemble whose
+    members resize or crop differently (Lite0 at 224 px with Lite1 at 240: one graph input
+    cannot feed both), one parity-checked export per member in `out/<member>/` and
+    `out/ensemble.json`, which says how to combine them (what `imgclf fit` ships). Returns
+    {folder, parity} or {folder, members: [{folder, parity}]}."""
+    if read_model_json(folder).get("kind") != ENSEMBLE or (
+        load_predictor(folder).preprocessing is not None
+    ):
+        done = export_onnx(folder, out, log=log)
+        return {"folder": str(done.folder), "parity": done.max_abs_diff}
+    spec = read_definition(folder / ENSEMBLE_JSON, ("members", "vote"))
+    members = []
+    for name in spec["members"]:  # relative to the ensemble folder's parent
+        done = export_onnx(folder.parent / name, out / name, log=log)
+        members.append({"folder": name, "parity": done.max_abs_diff})
+    atomic_write_json(
+        out / ENSEMBLE_JSON,
+        {
+            "kind": ENSEMBLE,
+            "vote": spec["vote"],
+            "weights": spec.get("weights"),
+            "labels": spec.get("labels"),
+            "members": [m["folder"] for m in members],
+            "how": "run each member's model.onnx on the image with that member's own "
+            "preprocessing (its model.json), then combine the probabilities (in the order of "
+            "'labels') by this vote with these weights: 'soft' is their weighted mean",
+            "source": str(folder),
+        },
+    )
+    return {"folder": str(out), "members": members}
 
 
 def verify_export(

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from imgclf.errors import ImgclfError
 from imgclf.workflows import fit_plan
-from imgclf.workflows.fit import FitOptions, ensemble_check, fit
+from imgclf.workflows.fit import FitOptions, choose_single, ensemble_check, fit, paired_z
 from imgclf.workflows.fit_plan import DataProfile
 
 # ------------------------------------------------------------------------------ planning rules
@@ -131,6 +131,63 @@ def test_the_ensemble_is_kept_only_when_it_beats_the_best_run_on_validation(tmp_
     bad = _run(tmp_path / "bad", truth, [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     acc, kept = ensemble_check([one, bad], best=0.75)
     assert acc < 0.75 and not kept
+
+
+def test_a_cheaper_model_within_one_standard_error_of_the_best_is_kept(tmp_path):
+    truth = ["a", "b"] * 10
+    right = [[0.9, 0.1], [0.1, 0.9]] * 10
+
+    def wrong_at(*where: int) -> list[list[float]]:
+        return [p[::-1] if i in where else p for i, p in enumerate(right)]
+
+    best = _run(tmp_path / "best", truth, right)  # 20 of 20
+    one_off = _run(tmp_path / "one_off", truth, wrong_at(3))  # 19: one image apart, z = 1
+    three_off = _run(tmp_path / "three_off", truth, wrong_at(1, 4, 7))  # 17: z = 3 / √3
+    assert paired_z(best, one_off) == 1.0 and paired_z(one_off, best) == -1.0
+    assert paired_z(best, three_off) == pytest.approx(3**0.5)
+    # images both get wrong say nothing: z counts only where they disagree
+    both = _run(tmp_path / "both", truth, wrong_at(3, 5))
+    assert paired_z(one_off, both) == 1.0
+
+    def rec(run: Path, acc: float) -> dict:
+        return {"run": str(run), "status": "completed", "val_accuracy": acc}
+
+    ranked = [("lite1", rec(best, 1.0)), ("lite0", rec(one_off, 0.95))]
+    key, run, why = choose_single(ranked, {"lite1": 1.55, "lite0": 1.0})
+    assert key == "lite0" and run["run"] == str(one_off) and "standard error" in why
+    # the same gap when the runner-up is not cheaper: the best stays
+    assert choose_single(ranked, {"lite1": 1.0, "lite0": 1.55})[0] == "lite1"
+    # a cheaper model further behind (z > 1): the best stays
+    ranked = [("lite1", rec(best, 1.0)), ("scratch", rec(three_off, 0.85))]
+    assert choose_single(ranked, {"lite1": 1.55, "scratch": 0.02})[0] == "lite1"
+    # of two cheaper models within noise, the cheapest
+    ranked = [
+        ("lite1", rec(best, 1.0)),
+        ("lite0", rec(one_off, 0.95)),
+        ("scratch", rec(one_off, 0.95)),
+    ]
+    assert choose_single(ranked, {"lite1": 1.55, "lite0": 1.0, "scratch": 0.02})[0] == "scratch"
+
+
+def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import MIN_FINETUNE_EPOCHS, _Fitter
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    record = {"profile": asdict(profile(224)), "candidates": [], "decisions": []}
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    # 150 train + 30 val images: an epoch is 160 / rate seconds; about 540 s are left after
+    # the reserve (a tenth of the budget before anything is screened)
+    fast = 160 * MIN_FINETUNE_EPOCHS * 2.5 / 540  # room for two and a half candidates
+    record["survivors"] = ["a", "b"]
+    fitter._survivors_that_fit(fast)
+    assert record["survivors"] == ["a", "b"] and not record["decisions"]
+    fitter._survivors_that_fit(fast / 2)  # room for one and a quarter
+    assert record["survivors"] == ["a"]
+    assert "fine-tuning 1 of 2 candidates" in record["decisions"][0]
+    assert json.loads((tmp_path / "fit" / "fit.json").read_text())["survivors"] == ["a"]
 
 
 # ------------------------------------------------------------------------------ whole fits

@@ -304,6 +304,18 @@ def test_lr_find_suggests_a_tenth_of_the_minimum_not_the_steepest_point():
     assert steps == result.lrs, "on_step reports every step (the progress bar)"
 
 
+def test_lr_find_times_each_step_without_what_came_before():
+    import time
+
+    def step(lr: float) -> float:
+        time.sleep(0.02 if lr > 1e-3 else 0.0)  # the later steps are the slow ones
+        return 1.0
+
+    result = lr_find(step, start_lr=1e-5, end_lr=1e-1, num_steps=5)
+    assert len(result.step_seconds) == len(result.lrs) == 5
+    assert [s >= 0.02 for s in result.step_seconds] == [lr > 1e-3 for lr in result.lrs]
+
+
 def test_lr_find_rejects_bad_arguments_and_nan_first_loss():
     with pytest.raises(ImgclfError, match="start_lr"):
         lr_find(lambda lr: 1.0, start_lr=1.0, end_lr=0.1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ class LRFindResult:
     suggestion: float
     reason: str
     raw_losses: list[float] = field(default_factory=list)
+    # Seconds each step took (its batch fetched, forward, backward, update): a training speed
+    # without the set-up before the first step (model build, image cache, loader start).
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def lr_find(
@@ -61,11 +65,14 @@ def lr_find(
     lrs: list[float] = []
     losses: list[float] = []
     raw: list[float] = []
+    seconds: list[float] = []
     avg, best = 0.0, math.inf
     reason = f"reached end_lr {end_lr:g}"
     for i in range(num_steps):
         lr = start_lr * ratio ** (i / (num_steps - 1))
+        t0 = time.perf_counter()
         loss = float(step(lr))
+        seconds.append(time.perf_counter() - t0)
         if on_step is not None:
             on_step(lr, loss)
         if not math.isfinite(loss):
@@ -83,7 +90,7 @@ def lr_find(
     if not lrs:
         raise ImgclfError(f"lr_find: {reason}, the very first step; check the model and data")
     suggestion, how = suggest(lrs, losses)
-    return LRFindResult(lrs, losses, suggestion, f"{reason}; {how}", raw)
+    return LRFindResult(lrs, losses, suggestion, f"{reason}; {how}", raw, seconds)
 
 
 def suggest(lrs: list[float], losses: list[float]) -> tuple[float, str]:

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -427,9 +428,9 @@ class _Fitter:
 
     def _more_rounds(self, c: Candidate, cand: dict, lr: float, ends: float) -> None:
         """Further rounds while the candidate's share holds 3 epochs more, at the speed its
-        last round really had (the LR range test's own speed includes start-up costs, so the
-        first plan falls short): each warm-starts from the best weights so far at a third of
-        the lr, with its own warm-up and cosine decay; the better round is the candidate's."""
+        last round really had (early stopping, or a first plan that fell short): each
+        warm-starts from the best weights so far at a third of the lr, with its own warm-up and
+        cosine decay; the better round is the candidate's."""
         rounds = 1
         cand.setdefault("rounds", [dict(cand["finetune"])])
         while True:
@@ -462,7 +463,8 @@ class _Fitter:
 
     def _lr(self, c: Candidate, start: Path | None, share: float) -> tuple[float, str, float]:
         """The LR range test (from the screened weights, or fresh ones for a scratch CNN), in
-        at most a fifth of the run's share; returns (lr, why, training images/s as measured)."""
+        at most a fifth of the run's share; returns (lr, why, training images/s at the steady
+        pace of its steps after the first, without the set-up before them)."""
         from imgclf.workflows.lr_search import find_lr
 
         low, high = SCRATCH_LR if c.scratch else FINETUNE_LR
@@ -488,8 +490,11 @@ class _Fitter:
             default = 3e-4 if not c.scratch else 3e-3
             rate = _speed(c, self.record["machine"]["device"], train=True)
             return default, f"LR range test failed ({e}); the default", rate
-        seconds = time.monotonic() - t0
-        rate = len(result.lrs) * self.record["settings"]["batch_size"] / max(seconds, 1e-6)
+        batch = self.record["settings"]["batch_size"]
+        if len(result.step_seconds) >= 4:  # the steady pace: after the first step's start-up
+            rate = batch / max(statistics.median(result.step_seconds[1:]), 1e-6)
+        else:
+            rate = len(result.lrs) * batch / max(time.monotonic() - t0, 1e-6)
         if c.scratch:  # from fresh weights: the usual rule, a tenth of the minimum's lr
             lr = float(min(high, max(low, result.suggestion)))
             why = f"LR range test from fresh weights: {result.reason}"

@@ -178,7 +178,7 @@ def imgclf_pipeline(args, folder: Path, cache: str, workers: int, device) -> dic
     device, channels_last = parts.device, parts.channels_last
     seed_everything(0)
     clock = Clock(device)
-    raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size, cfg.data.crop_mode)
     raw = prepare_model(cfg, parts, raw)
     loader, sampler, val = build_loaders(cfg, manifest, pre, device=device,
                                          channels_last=channels_last)  # fmt: skip

@@ -1,7 +1,7 @@
 """`imgclf fit --quality good` against a linear probe on the held-in data set, in one run.
 
     .venv/bin/python benchmarks/fit_heldin.py [--time 30m] [--probe-only] [--out FILE]
-        [--data DIR] [--workdir DIR]
+        [--data DIR] [--workdir DIR] [--probe-crop-mode center|squash]
 
 Data: the openclipart9 class folders (`make heldin-data`, benchmarks/heldin_data.py). Before
 anything, imgclf's own `scan` and `split --train 0.55 --val 0.15 --test 0.30` write one manifest
@@ -9,9 +9,10 @@ into WORKDIR/manifests/openclipart9 (default WORKDIR: $IMGCLF_CACHE/bench/fit_he
 parts below read that manifest, so they see the same split.
 
 (a) Linear probe: EfficientNet-Lite0 with its packaged ImageNet weights, pooled features of every
-    image through the model's own eval preprocessing (imgclf's eval transform and loader); a
-    standardised scikit-learn LogisticRegression fitted on train, C chosen on val from a small
-    grid, accuracy and balanced accuracy on test.
+    image through the model's own eval preprocessing (imgclf's eval transform and loader; its
+    centre crop, or the whole image squashed with --probe-crop-mode squash); a standardised
+    scikit-learn LogisticRegression fitted on train, C chosen on val from a small grid,
+    accuracy and balanced accuracy on test.
 (b) `imgclf fit MANIFEST --quality good --time T` in a subprocess (in WORKDIR, so its runs stay
     there); its last three stdout lines are `chosen: PATH`, `test_accuracy: X`,
     `balanced_accuracy: X`.
@@ -95,7 +96,9 @@ def pooled_features(model, dataset, device, batch_size: int, workers: int, show:
     return x, np.asarray(dataset.targets, np.int64), ok
 
 
-def split_features(manifest_dir: Path, *, batch_size=64, image_size=None, progress=True) -> dict:
+def split_features(
+    manifest_dir: Path, *, batch_size=64, image_size=None, progress=True, crop_mode=None
+) -> dict:
     """{split: (features, targets)} of Lite0 (packaged weights) through its eval preprocessing."""
     import torch
 
@@ -110,7 +113,7 @@ def split_features(manifest_dir: Path, *, batch_size=64, image_size=None, progre
     if not manifest.has_split:
         raise BenchError(f"{manifest_dir} has no split; run `imgclf split {manifest_dir}`")
     cfg = ModelConfig(name="efficientnet_lite0", pretrained="packaged")
-    model, pre = build_model(cfg, len(manifest.labels), image_size)
+    model, pre = build_model(cfg, len(manifest.labels), image_size, crop_mode)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     scan = manifest.settings
@@ -151,11 +154,17 @@ def fit_probe(features: dict, c_grid=C_GRID, seed: int = 0) -> dict:
     }
 
 
-def linear_probe(manifest_dir: Path, *, batch_size=64, image_size=None, progress=True) -> dict:
+def linear_probe(
+    manifest_dir: Path, *, batch_size=64, image_size=None, progress=True, crop_mode=None
+) -> dict:
     """(a): the probe's figures, with the seconds of feature extraction and of the fits."""
     t0 = time.perf_counter()
     extracted = split_features(
-        manifest_dir, batch_size=batch_size, image_size=image_size, progress=progress
+        manifest_dir,
+        batch_size=batch_size,
+        image_size=image_size,
+        progress=progress,
+        crop_mode=crop_mode,
     )
     t1 = time.perf_counter()
     print(f"features in {t1 - t0:.1f} s; logistic regression over C in {list(C_GRID)} …")
@@ -244,8 +253,9 @@ def summary(record: dict) -> list[str]:
     """The lines printed at the end: each part's figures and time, the gap, the budget."""
     p, lines = record["probe"], []
     lines.append(f"scan + split: {record['prepare_seconds']:.1f} s ({record['manifest']})")
+    mode = p["preprocessing"].get("crop_mode", "center")
     lines.append(
-        f"linear probe (Lite0 features, C={p['C']:g}): accuracy {p['accuracy']:.4f}, "
+        f"linear probe (Lite0 features, {mode} crop, C={p['C']:g}): accuracy {p['accuracy']:.4f}, "
         f"balanced accuracy {p['balanced_accuracy']:.4f}, {p['seconds']:.1f} s "
         f"(features {p['feature_seconds']:.1f} s)"
     )
@@ -279,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="JSON of every figure (default WORKDIR/...json)")
     ap.add_argument("--batch-size", type=int, default=64, help="probe feature batches")
     ap.add_argument("--seed", type=int, default=0, help="the split's seed")
+    ap.add_argument(
+        "--probe-crop-mode",
+        choices=("center", "squash"),
+        default="center",
+        help="the probe's eval crop (default center, Lite0's own: the issue's reference)",
+    )
     args = ap.parse_args(argv)
     data = (args.data or dataset_folder()).resolve()
     if args.data is None and not is_complete(data):
@@ -293,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare_manifest(data, workdir, args.seed)
         record = {"data": str(data), "manifest": str(manifest), "split": SPLIT, "seed": args.seed}
         record["prepare_seconds"] = round(time.perf_counter() - t0, 1)
-        record["probe"] = linear_probe(manifest, batch_size=args.batch_size)
+        record["probe"] = linear_probe(
+            manifest, batch_size=args.batch_size, crop_mode=args.probe_crop_mode
+        )
         if not args.probe_only:
             fit = record["fit"] = run_fit(manifest, workdir, args.time)
             record["gap_points"] = {

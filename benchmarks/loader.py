@@ -97,7 +97,7 @@ def train_files(folder: Path, size: int) -> set[str]:
 def imgclf_loader(folder: Path, size: int, batch: int, workers: int, preset: str):
     cfg = imgclf_config(folder, size, batch, workers, preset)
     manifest, _ = prepare(cfg.data, progress=False)
-    _, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    _, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size, cfg.data.crop_mode)
     # torchvision's defaults: the same normalisation and bilinear resampling on both sides.
     pre = dataclasses.replace(pre, mean=MEAN, std=STD, interpolation="bilinear")
     loader, sampler, _ = build_loaders(cfg, manifest, pre, device=torch.device("cpu"))

@@ -95,6 +95,7 @@ def test_key_changes_with_what_the_pixels_depend_on():
         "max_pixels": cache_key(paths, "v1", CacheSpec(SIZE, max_pixels=10_000)),
         "min_side": cache_key(paths, "v1", CacheSpec(SIZE, min_side=16)),
         "size_hint": cache_key(paths, "v1", CacheSpec(SIZE, size_hint=SIZE)),
+        "crop_mode": cache_key(paths, "v1", CacheSpec(SIZE, crop_mode="squash")),
         "data version": cache_key(paths, "v2", spec),
         "order": cache_key(paths[::-1], "v1", spec),
         "one path fewer": cache_key(paths[:2], "v1", spec),

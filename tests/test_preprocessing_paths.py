@@ -56,6 +56,9 @@ PREPROCESSINGS = [
     Preprocessing(64, *HALF, "bilinear", 1.0),
     Preprocessing(57, *IMAGENET, "bilinear", 0.9),
     Preprocessing(33, *IMAGENET, "nearest", 0.77),
+    # crop_mode squash: both sides resized, so the whole image is in the crop
+    Preprocessing(224, *HALF, "bicubic", 0.875, "squash"),
+    Preprocessing(57, *IMAGENET, "bilinear", 1.0, "squash"),
 ]
 
 
@@ -76,7 +79,9 @@ def _uint8_chw(x: torch.Tensor, pre: Preprocessing) -> np.ndarray:
     return pixels.to(torch.uint8).numpy()
 
 
-@pytest.mark.parametrize("pre", PREPROCESSINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}")
+@pytest.mark.parametrize(
+    "pre", PREPROCESSINGS, ids=lambda p: f"{p.input_size}-{p.interpolation}-{p.crop_mode}"
+)
 def test_cpu_transform_cache_and_onnx_give_the_same_pixels(files, tmp_path, pre):
     root, rel = files
     size = pre.input_size
@@ -124,6 +129,36 @@ def test_geometry_numbers():
     left, top, right, bottom = stored_square_box(387, 256, 224, 256)
     assert (right - left, bottom - top) == (256, 256)
     assert (left + 16, top + 16) == center_crop_box(387, 256, 224)[:2]
+    # squashed: both sides to the resize side, and the stored square is the whole image
+    assert resized_size(301, 199, 256, "squash") == (256, 256)
+    assert stored_square_box(256, 256, 224, 256) == (0, 0, 256, 256)
+
+
+def test_squash_keeps_the_ends_of_a_wide_image_in_eval_and_training():
+    """A 90×30 image, red at both ends: the centre square never shows the red, the squashed
+    image always does, at evaluation and in a training crop over the whole (squashed) image."""
+    from imgclf.data.transforms import CropFlip
+
+    pixels = np.full((30, 90, 3), 255, np.uint8)
+    pixels[:, :10] = pixels[:, -10:] = (255, 0, 0)
+    image = Image.fromarray(pixels)
+
+    def red_at_ends(chw: np.ndarray) -> bool:
+        return bool((chw[1, :, 0] < 100).all() and (chw[1, :, -1] < 100).all())
+
+    for crop_pct in (1.0, 0.875):  # the crop_pct margin (2 px of 37) leaves some of the red
+        pre = Preprocessing(32, *HALF, "bilinear", crop_pct, "squash")
+        assert red_at_ends(_uint8_chw(eval_transform(pre)(image), pre))
+    center = Preprocessing(32, *HALF, "bilinear", 1.0)
+    assert not (_uint8_chw(eval_transform(center)(image), center)[1] < 100).any()
+    # scale (1, 1): the whole squashed image, exactly the squashed resize
+    torch.manual_seed(0)
+    whole = CropFlip(32, (1.0, 1.0), crop_mode="squash", interpolation="bilinear")(image)
+    resized = image.resize((32, 32), Image.Resampling.BILINEAR)
+    assert np.array_equal(np.asarray(whole), np.asarray(resized))
+    torch.manual_seed(0)
+    part = CropFlip(32, (1.0, 1.0), interpolation="bilinear")(image)
+    assert not (np.asarray(part)[:, :, 1] < 100).any()  # the plain crop: the middle third
 
 
 def test_one_validation_and_one_default():
@@ -145,8 +180,16 @@ def test_one_validation_and_one_default():
     # models re-exports the one contract; model.json without the keys means bicubic, 0.875
     assert ModelsPreprocessing is Preprocessing
     pre = Preprocessing.from_dict({"input_size": 32, "mean": HALF[0], "std": HALF[1]})
-    assert (pre.interpolation, pre.crop_pct) == ("bicubic", 0.875)
-    assert Preprocessing(32, *HALF).geometry == (32, "bicubic", 0.875)
+    assert (pre.interpolation, pre.crop_pct, pre.crop_mode) == ("bicubic", 0.875, "center")
+    assert Preprocessing(32, *HALF).geometry == (32, "bicubic", 0.875, "center")
+    squash = Preprocessing(32, *HALF, crop_mode="squash")
+    assert Preprocessing.from_dict(squash.to_dict()) == squash
+    for call in (
+        lambda: Preprocessing(32, *HALF, crop_mode="border"),
+        lambda: preprocess(Image.new("RGB", (8, 8)), {"input_size": 8, "crop_mode": "border"}),
+    ):
+        with pytest.raises(ImgclfError, match="unknown crop_mode 'border'; choose one of "):
+            call()
 
 
 def test_geometry_imports_no_torch():

@@ -86,6 +86,12 @@ class DataConfig(_Strict):
     root: Path | None = Field(None, description="class-folder tree or CSV of path,label[,split]")
     manifest: Path | None = Field(None, description="manifest folder; default manifests/<name>")
     image_size: int | None = Field(None, ge=8, description="None: the model's default input size")
+    crop_mode: Literal["center", "squash"] | None = Field(
+        None,
+        description="center: the short side resized, the centre square kept (cuts the ends of "
+        "wide or tall images); squash: both sides resized, the whole image kept; None: the "
+        "model's (center)",
+    )
     split: SplitConfig = SplitConfig()
     scan: ScanConfig = ScanConfig()
     cache: Literal["none", "auto", "memory", "disk"] = Field(

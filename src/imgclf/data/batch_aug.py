@@ -53,7 +53,7 @@ from imgclf.data.transforms import (
 )
 from imgclf.errors import ImgclfError
 from imgclf.files import atomic_write_bytes
-from imgclf.geometry import Preprocessing, center_anchor, unpack
+from imgclf.geometry import Preprocessing, center_anchor, crop_mode_of, unpack
 
 # Columns of a sample's table of uniforms: a fixed layout, so no draw shifts another.
 _AREA, _RATIO, _TOP, _LEFT = slice(0, 10), slice(10, 20), 20, 21  # 10 tries, as torchvision
@@ -341,11 +341,13 @@ def eval_square(
     size: int | Preprocessing,
     crop_pct: float | None = None,
     interpolation: str | None = None,
+    crop_mode: str | None = None,
 ) -> torch.Tensor:
     """The uint8 square [S, S, 3] the image cache stores for `image` (`cache.square_pixels`):
     its centre `size` crop is exactly the eval transform's crop. `size` may be a Preprocessing."""
+    mode = crop_mode_of(size, crop_mode)
     size, _, _, interpolation, crop_pct = unpack(size, None, None, interpolation, crop_pct)
-    spec = CacheSpec(size=size, crop_pct=crop_pct, interpolation=interpolation)
+    spec = CacheSpec(size=size, crop_pct=crop_pct, interpolation=interpolation, crop_mode=mode)
     return torch.from_numpy(square_pixels(image.convert("RGB"), spec).copy())
 
 

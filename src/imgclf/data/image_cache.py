@@ -6,9 +6,11 @@ exactly as the eval transform resizes (Pillow, antialiased, torchvision's output
 `stored × stored` square is cut from it and kept as uint8 HWC (the arithmetic is
 `imgclf.geometry`'s, shared with the eval transform and the ONNX preprocessing).
 
-Aspect ratio: the square is the central part of the image along its long side. Training crops
-and flips come from that square only, so the outer parts of wide or tall images (beyond the
-central square) are never seen by training; a 4:3 photo loses 1/8 of its width on each side.
+Aspect ratio (crop_mode "squash": both sides are resized to `stored`, the square is the whole
+image and none of this applies): the square is the central part of the image along its long
+side. Training crops and flips come from that square only, so the outer parts of wide or tall
+images (beyond the central square) are never seen by training; a 4:3 photo loses 1/8 of its
+width on each side.
 The square's offset is the eval center crop's offset minus the inner crop's (torchvision
 rounds both), so it may sit one pixel off the exact middle; that is what makes the
 center `size × size` crop of the square (`CachedImages.eval_crop()`) equal the eval transform's
@@ -40,12 +42,15 @@ from PIL import Image
 from imgclf.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from imgclf.errors import ImgclfError
 from imgclf.geometry import (
+    DEFAULT_CROP_MODE,
     DEFAULT_CROP_PCT,
     DEFAULT_INTERPOLATION,
     Preprocessing,
     center_anchor,
+    check_crop_mode,
     check_crop_pct,
     check_interpolation,
+    crop_mode_of,
     resize_short,
     resize_side,
     stored_square_box,
@@ -70,9 +75,11 @@ class CacheSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = DEFAULT_MIN_SIDE
     size_hint: int | None = None  # None: `stored`, so the reduced decode never needs upscaling
+    crop_mode: str = DEFAULT_CROP_MODE  # squash: the whole image, both sides to `stored`
 
     def __post_init__(self) -> None:
         check_interpolation(self.interpolation)
+        check_crop_mode(self.crop_mode)
         check_crop_pct(self.crop_pct)
         if self.size < 1:
             raise ImgclfError(f"image size must be at least 1, got {self.size}")
@@ -146,6 +153,8 @@ def cache_key(rel_paths: Sequence[str], data_version: str, spec: CacheSpec) -> s
         "stored": spec.stored,
         "size": spec.size,
         "interpolation": spec.interpolation,
+        # Only when squashed: the keys of centre-crop entries are what they always were.
+        **({"crop_mode": spec.crop_mode} if spec.crop_mode != DEFAULT_CROP_MODE else {}),
         "max_pixels": spec.max_pixels,
         "min_side": spec.min_side,
         "size_hint": spec.hint,
@@ -156,8 +165,9 @@ def cache_key(rel_paths: Sequence[str], data_version: str, spec: CacheSpec) -> s
 
 
 def square_pixels(image: Image.Image, spec: CacheSpec) -> np.ndarray:
-    """Resize the short side to `stored` as the eval transform does; the stored square, HWC."""
-    image = resize_short(image, spec.stored, spec.interpolation)
+    """Resize the short side (squashed: both sides) to `stored` as the eval transform does; the
+    stored square, HWC."""
+    image = resize_short(image, spec.stored, spec.interpolation, spec.crop_mode)
     box = stored_square_box(*image.size, spec.size, spec.stored)
     return np.asarray(image.crop(box), dtype=np.uint8)
 
@@ -177,6 +187,7 @@ class ImageCache:
         size: int | Preprocessing,
         crop_pct: float | None = None,
         interpolation: str | None = None,
+        crop_mode: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int = DEFAULT_MIN_SIDE,
         size_hint: int | None = None,
@@ -188,15 +199,16 @@ class ImageCache:
     ) -> CachedImages:
         """The entry for these images and settings, decoding them only when none is cached.
 
-        `size` may be the model's `Preprocessing` (its input size, crop_pct and interpolation);
-        crop_pct and interpolation left None are the defaults of `imgclf.geometry`.
+        `size` may be the model's `Preprocessing` (its input size, crop_pct, interpolation and
+        crop_mode); those left None are the defaults of `imgclf.geometry`.
         mode "auto" keeps the images in RAM when they fit `memory_budget_bytes` (default:
         `default_memory_budget()`), else memory-maps the file; "memory" also writes the entry.
         workers: decode processes; 0 (or 1) decodes in this process, None = one per core (in
         this process below 64 images).
         """
+        crop_mode = crop_mode_of(size, crop_mode)
         size, _, _, interpolation, crop_pct = unpack(size, None, None, interpolation, crop_pct)
-        spec = CacheSpec(size, crop_pct, interpolation, max_pixels, min_side, size_hint)
+        spec = CacheSpec(size, crop_pct, interpolation, max_pixels, min_side, size_hint, crop_mode)
         if mode not in MODES:
             raise ImgclfError(f"unknown image cache mode {mode!r}; choose one of {MODES}")
         key = cache_key(rel_paths, data_version, spec)

@@ -162,11 +162,12 @@ def augmented_batch(
     seed: int = 0,
     interpolation: str | None = None,
     crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> torch.Tensor:
     """(n, 3, size, size) augmented training samples, normalised (for TensorBoard's grid)."""
     entries = manifest.split_entries("train") or manifest.ok_entries
     chosen = random.Random(seed).sample(entries, min(n, len(entries)))
-    tf = train_transform(aug, size, mean, std, interpolation, crop_pct)
+    tf = train_transform(aug, size, mean, std, interpolation, crop_pct, crop_mode)
     views = []
     for i, entry in enumerate(chosen):
         image = _load(manifest, entry, size)

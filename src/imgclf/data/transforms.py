@@ -44,9 +44,12 @@ from torchvision.transforms import v2
 from imgclf.config import AugmentConfig
 from imgclf.errors import ImgclfError
 from imgclf.geometry import (
+    DEFAULT_CROP_MODE,
     DEFAULT_INTERPOLATION,
     Preprocessing,
+    check_crop_mode,
     check_interpolation,
+    crop_mode_of,
     pil_resample,
     resize_side,
     torch_interpolation,
@@ -115,10 +118,17 @@ def _fill(name: str, mean: Sequence[float]) -> int | tuple[int, ...]:
     raise ImgclfError(f"unknown augment.fill {name!r}; choose one of black, white, mean")
 
 
-def _resize_crop(size: int, crop_pct: float, interpolation: str) -> list[Callable]:
+def _resize(size: int, crop_pct: float, interpolation: str, crop_mode: str) -> Callable:
+    """torchvision's Resize with the shared geometry (`imgclf.geometry`): the short side, or
+    both sides when squashed, to round(size / crop_pct)."""
+    side = resize_side(size, crop_pct)
+    target = (side, side) if check_crop_mode(crop_mode) == "squash" else side
+    return v2.Resize(target, interpolation=torch_interpolation(interpolation))
+
+
+def _resize_crop(size: int, crop_pct: float, interpolation: str, crop_mode: str) -> list[Callable]:
     """torchvision's Resize → CenterCrop with the shared geometry (`imgclf.geometry`)."""
-    mode = torch_interpolation(interpolation)
-    return [v2.Resize(resize_side(size, crop_pct), interpolation=mode), v2.CenterCrop(size)]
+    return [_resize(size, crop_pct, interpolation, crop_mode), v2.CenterCrop(size)]
 
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -264,7 +274,11 @@ class CropFlip:
     """RandomResizedCrop + RandomHorizontalFlip + RandomVerticalFlip on a PIL image, drawn as
     those three draw (RandomResizedCrop's `make_params`, then one `torch.rand(1)` per flip) and
     resampled once by PIL straight from the crop box (`resize(box=...)`: no intermediate crop,
-    no v2 dispatch — the random resized crop is the largest cost after decoding)."""
+    no v2 dispatch — the random resized crop is the largest cost after decoding).
+
+    crop_mode "squash": the crop is drawn on the image squashed to a square (side: its short
+    side) and its box scaled back to the image, so training sees crops of the squashed image
+    as the eval squash sees it whole, with no resize before the crop."""
 
     def __init__(
         self,
@@ -273,14 +287,23 @@ class CropFlip:
         hflip: float = 0.0,
         vflip: float = 0.0,
         interpolation: str = DEFAULT_INTERPOLATION,
+        crop_mode: str = DEFAULT_CROP_MODE,
     ) -> None:
         self.size, self.hflip, self.vflip = int(size), float(hflip), float(vflip)
         self.crop = v2.RandomResizedCrop(size, scale=scale)
         self.resample = pil_resample(interpolation)  # the same names and error as everywhere
+        self.squash = check_crop_mode(crop_mode) == "squash"
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        p = self.crop.make_params([image])
-        top, left, h, w = p["top"], p["left"], p["height"], p["width"]
+        width, height = image.size
+        if self.squash and width != height:
+            side = min(width, height)  # only its shape is read: empty() touches no memory
+            p = self.crop.make_params([torch.empty((1, side, side), dtype=torch.uint8)])
+            fx, fy = width / side, height / side
+            top, left, h, w = p["top"] * fy, p["left"] * fx, p["height"] * fy, p["width"] * fx
+        else:
+            p = self.crop.make_params([image])
+            top, left, h, w = p["top"], p["left"], p["height"], p["width"]
         out = image.resize(
             (self.size, self.size), self.resample, box=(left, top, left + w, top + h)
         )
@@ -339,13 +362,17 @@ def eval_transform(
     std: Sequence[float] | None = None,
     interpolation: str | None = None,
     crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> Callable:
-    """Resize the short side to round(size / crop_pct), center-crop size × size, normalise.
+    """Resize the short side (squashed: both sides) to round(size / crop_pct), center-crop
+    size × size, normalise.
 
     `size` may be a model's `Preprocessing` (loose values given beside it override its own);
-    interpolation and crop_pct left None are the defaults of `imgclf.geometry`."""
+    interpolation, crop_pct and crop_mode left None are the defaults of `imgclf.geometry`."""
+    mode = crop_mode_of(size, crop_mode)
     size, mean, std, interpolation, crop_pct = _loose(size, mean, std, interpolation, crop_pct)
-    return v2.Compose([*_resize_crop(size, crop_pct, interpolation), ToNormalised(mean, std)])
+    steps = _resize_crop(size, crop_pct, interpolation, mode)
+    return v2.Compose([*steps, ToNormalised(mean, std)])
 
 
 def _loose(size, mean, std, interpolation, crop_pct) -> tuple:
@@ -362,19 +389,21 @@ def train_transform(
     std: Sequence[float] | None = None,
     interpolation: str | None = None,
     crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> Callable:
     """The training pipeline for `aug` (crop_pct is used only without a random resized crop;
     `size` may be a `Preprocessing`, as for `eval_transform`)."""
+    mode = crop_mode_of(size, crop_mode)
     size, mean, std, interpolation, crop_pct = _loose(size, mean, std, interpolation, crop_pct)
     r = resolve_augment(aug)
     if r["scale"] is None:
-        steps = _resize_crop(size, crop_pct, interpolation)
+        steps = _resize_crop(size, crop_pct, interpolation, mode)
         if r["hflip"]:
             steps.append(v2.RandomHorizontalFlip(r["hflip"]))
         if r["vflip"]:
             steps.append(v2.RandomVerticalFlip(r["vflip"]))
     else:
-        steps = [CropFlip(size, tuple(r["scale"]), r["hflip"], r["vflip"], interpolation)]
+        steps = [CropFlip(size, tuple(r["scale"]), r["hflip"], r["vflip"], interpolation, mode)]
     affine = None
     if r["rotation"] or r["shear"] or r["translate"]:
         fill = _fill(r["fill"], mean)
@@ -403,10 +432,11 @@ def multicrop_transform(
     std: Sequence[float] | None = None,
     interpolation: str | None = None,
     crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> Callable:
     """Test-time views: centre and four corner crops of the eval resize, stacked (5, C, H, W)."""
+    mode = crop_mode_of(size, crop_mode)
     size, mean, std, interpolation, crop_pct = _loose(size, mean, std, interpolation, crop_pct)
-    mode = torch_interpolation(interpolation)
-    resize = v2.Resize(resize_side(size, crop_pct), interpolation=mode)
+    resize = _resize(size, crop_pct, interpolation, mode)
     tail = ToNormalised(mean, std)
     return _FiveViews(resize, size, tail)

@@ -83,9 +83,22 @@ def resolve_name(name: str) -> tuple[str, str]:
 
 
 def build_model(
-    cfg: ModelConfig, num_classes: int, image_size: int | None = None
+    cfg: ModelConfig,
+    num_classes: int,
+    image_size: int | None = None,
+    crop_mode: str | None = None,
 ) -> tuple[ImgclfModel, Preprocessing]:
-    """Build the model named in cfg, load its pretrained weights, return its preprocessing."""
+    """Build the model named in cfg, load its pretrained weights, return its preprocessing
+    (`crop_mode`: the data's choice, `data.crop_mode`; None keeps the model's centre crop)."""
+    model, prep = _build(cfg, num_classes, image_size)
+    if crop_mode is not None:
+        prep = dataclasses.replace(prep, crop_mode=crop_mode)
+    return model, prep
+
+
+def _build(
+    cfg: ModelConfig, num_classes: int, image_size: int | None
+) -> tuple[ImgclfModel, Preprocessing]:
     kind, arch = resolve_name(cfg.name)
     source, path = parse_pretrained(cfg.pretrained)
     if kind == "scratch":

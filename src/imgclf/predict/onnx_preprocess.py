@@ -1,16 +1,17 @@
 """The input of an exported model.onnx, made with numpy and Pillow only (this module must never
 import torch: the server runs from an export folder without it).
 
-For model.json's `preprocessing` {input_size S, interpolation, crop_pct} and an image decoded by
-`imgclf.data.images.load_image(source, size_hint=S)` — EXIF orientation, alpha compositing,
-16-bit scaling as in training, and, for JPEGs at least 2 × S on the short side, libjpeg's
-reduced-size decoding (`draft`), which changes the pixels: pass size_hint=S exactly as
-`imgclf predict` and `evaluate` do, or the probabilities drift by up to ~1e-2 (`load_input`
-does both steps):
+For model.json's `preprocessing` {input_size S, interpolation, crop_pct, crop_mode} and an
+image decoded by `imgclf.data.images.load_image(source, size_hint=S)` — EXIF orientation,
+alpha compositing, 16-bit scaling as in training, and, for JPEGs at least 2 × S on the short
+side, libjpeg's reduced-size decoding (`draft`), which changes the pixels: pass size_hint=S
+exactly as `imgclf predict` and `evaluate` do, or the probabilities drift by up to ~1e-2
+(`load_input` does both steps):
 
 1. resize so the short side is R = round(S / crop_pct) (Python's round: halves to even) and the
    long side is int(R × long / short) (truncated), with Pillow's BILINEAR, BICUBIC or NEAREST
    filter (`interpolation`, default bicubic); an image already at that size is not resampled;
+   with crop_mode "squash" (default "center"), both sides are resized to R;
 2. centre-crop S × S, top-left at (round((w - S) / 2), round((h - S) / 2));
 3. uint8 → float32 × (1 / 255), HWC → CHW; stack images into N × 3 × S × S.
 
@@ -37,14 +38,16 @@ from imgclf.geometry import Preprocessing, resize_crop, resize_fields
 Spec = Preprocessing | Mapping[str, Any]
 
 
-def resize_spec(preprocessing: Spec) -> tuple[int, str, float]:
-    """(input_size, interpolation, crop_pct) of a Preprocessing or a model.json mapping (only
-    input_size is required there; the rest default as `Preprocessing.from_dict` does), checked."""
+def resize_spec(preprocessing: Spec) -> tuple[int, str, float, str]:
+    """(input_size, interpolation, crop_pct, crop_mode) of a Preprocessing or a model.json
+    mapping (only input_size is required there; the rest default as `Preprocessing.from_dict`
+    does), checked."""
     if isinstance(preprocessing, Preprocessing):
         p = preprocessing
-        return p.input_size, p.interpolation, p.crop_pct
+        return p.input_size, p.interpolation, p.crop_pct, p.crop_mode
     rest = resize_fields(preprocessing)
-    return int(preprocessing["input_size"]), rest["interpolation"], rest["crop_pct"]
+    size = int(preprocessing["input_size"])
+    return size, rest["interpolation"], rest["crop_pct"], rest["crop_mode"]
 
 
 def preprocess(image: Image.Image, preprocessing: Spec) -> np.ndarray:
@@ -54,8 +57,8 @@ def preprocess(image: Image.Image, preprocessing: Spec) -> np.ndarray:
             f"onnx preprocessing takes RGB images, got mode {image.mode}; open files with "
             "imgclf.data.images.load_image, which converts every mode as training did"
         )
-    size, interpolation, crop_pct = resize_spec(preprocessing)
-    crop = np.asarray(resize_crop(image, size, crop_pct, interpolation), dtype=np.uint8)
+    size, interpolation, crop_pct, crop_mode = resize_spec(preprocessing)
+    crop = np.asarray(resize_crop(image, size, crop_pct, interpolation, crop_mode), np.uint8)
     return crop.astype(np.float32).transpose(2, 0, 1) * np.float32(1.0 / 255)
 
 

@@ -47,7 +47,7 @@ def bench_loader(cfg: RunConfig, workers: Sequence[int], max_batches: int | None
     """Rows of (workers, seconds, images/s) for one pass of the standard training loader."""
     manifest, _ = prepare(cfg.data, progress=False)
     model_cfg = cfg.model.model_copy(update={"pretrained": "none"})  # only its preprocessing
-    _, pre = build_model(model_cfg, len(manifest.labels), cfg.data.image_size)
+    _, pre = build_model(model_cfg, len(manifest.labels), cfg.data.image_size, cfg.data.crop_mode)
     rows = []
     for w in workers:
         run_cfg = cfg.model_copy(deep=True)
@@ -88,7 +88,9 @@ def bench_train(
     for name in pipelines:
         seed_everything(cfg.seed)
         t0 = time.perf_counter()
-        model, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+        model, pre = build_model(
+            cfg.model, len(manifest.labels), cfg.data.image_size, cfg.data.crop_mode
+        )
         model = prepare_model(cfg, parts, model)
         # The first stage a run would train, its `auto` epochs as numbers (train/recipe.py).
         random_backbone = model.spec.get("pretrained") == "none"

@@ -109,6 +109,7 @@ def _tensorboard(run: RunDir, cfg: RunConfig, manifest: Manifest, state: FitStat
         seed=cfg.seed,
         interpolation=pre.interpolation,
         crop_pct=pre.crop_pct,
+        crop_mode=pre.crop_mode,
     )
     tensorboard_log(run.path, state.history, images=images, mean=pre.mean, std=pre.std, log=log)
 

@@ -40,7 +40,7 @@ def find_lr(
     fabric, device = parts.fabric, parts.device
     seed_everything(cfg.seed)
     manifest, _ = prepare(cfg.data, progress=progress)
-    raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size)
+    raw, pre = build_model(cfg.model, len(manifest.labels), cfg.data.image_size, cfg.data.crop_mode)
     if cfg.model.init_from:  # e.g. a trained head, before unfreezing (imgclf fit)
         warm_start(raw, cfg.model.init_from, lambda *_: None)
     raw = prepare_model(cfg, parts, raw)

@@ -102,7 +102,7 @@ def _train(
     # After the data (rank 0 alone scans): every rank's generators start from the same point.
     seed_everything(cfg.seed + world.rank)
     labels = list(manifest.labels.names)
-    model, pre = build_model(cfg.model, len(labels), cfg.data.image_size)
+    model, pre = build_model(cfg.model, len(labels), cfg.data.image_size, cfg.data.crop_mode)
     warm = None
     if cfg.model.init_from:  # said once: a resumed run has it in its log and summary already
         warm = warm_start(model, cfg.model.init_from, log if checkpoint is None else _silent)

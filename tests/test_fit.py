@@ -133,6 +133,30 @@ def test_the_ensemble_is_kept_only_when_it_beats_the_best_run_on_validation(tmp_
     assert acc < 0.75 and not kept
 
 
+def test_the_ensemble_with_flip_tta_reads_each_members_flipped_val_predictions(tmp_path):
+    """Like for like: an ensemble is weighed with flip TTA from each member's flipped val
+    evaluation (its predictions.csv also has p_true, which is not a class)."""
+    from imgclf.workflows.fit import FLIP_VAL, _flip_val_csv, _soft_vote_accuracy
+
+    truth = ["a", "a", "b", "b"]
+    runs = []
+    for name, probs in (
+        ("one", [[0.9, 0.1], [0.4, 0.6], [0.1, 0.9], [0.1, 0.9]]),
+        ("two", [[0.45, 0.55], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]]),
+    ):
+        run = _run(tmp_path / name, truth, [[0.5, 0.5]] * 4)  # plain: no better than chance
+        folder = run / "evaluations" / FLIP_VAL
+        folder.mkdir(parents=True)
+        with (folder / "predictions.csv").open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "label", "predicted", "p_true", "status", "p_a", "p_b"])
+            for i, (t, pr) in enumerate(zip(truth, probs, strict=True)):
+                w.writerow([f"{i}.png", t, "ab"[int(np.argmax(pr))], pr["ab".index(t)], "ok", *pr])
+        runs.append(run)
+    assert _soft_vote_accuracy(runs) == 0.5
+    assert _soft_vote_accuracy(runs, _flip_val_csv) == 1.0  # made already: nothing evaluated
+
+
 def test_a_cheaper_model_within_one_standard_error_of_the_best_is_kept(tmp_path):
     truth = ["a", "b"] * 10
     right = [[0.9, 0.1], [0.1, 0.9]] * 10
@@ -188,6 +212,19 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     assert record["survivors"] == ["a"]
     assert "fine-tuning 1 of 2 candidates" in record["decisions"][0]
     assert json.loads((tmp_path / "fit" / "fit.json").read_text())["survivors"] == ["a"]
+    # a cheaper second survivor is priced at its own cost: Lite0 after Lite1 needs 1/1.55 of
+    # the first's epoch time, so both fit where two Lite1s would not
+    lite = [
+        {"key": k, "model": m, "pretrained": "packaged", "image_size": z, "why": "", "screen": None}
+        for k, m, z in (("l1", "efficientnet_lite1", 224), ("l0", "efficientnet_lite0", 224))
+    ]
+    record.update(candidates=lite, survivors=["l1", "l0"], decisions=[])
+    fitter._survivors_that_fit(fast / 1.5)  # room for 2.5 / 1.5 = 1.67 Lite1s; needs 1.65
+    assert record["survivors"] == ["l1", "l0"] and not record["decisions"]
+    # the first's share of the time left follows its cost (about the same epochs each); the
+    # last one takes whatever is left
+    first, last = fitter._share(["l1", "l0"], 0), fitter._share(["l1", "l0"], 1)
+    assert first / last == pytest.approx(1.55 / 2.55, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ whole fits

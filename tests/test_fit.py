@@ -225,6 +225,11 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     # last one takes whatever is left
     first, last = fitter._share(["l1", "l0"], 0), fitter._share(["l1", "l0"], 1)
     assert first / last == pytest.approx(1.55 / 2.55, rel=1e-3)
+    # a scratch CNN's epoch is mostly overhead, not multiply-adds: priced like the backbones
+    scratch = {**lite[1], "key": "s", "model": "scratch_small", "pretrained": "none"}
+    record["candidates"].append(scratch)
+    assert fitter._costs(["l1", "l0"]) == pytest.approx([1.55, 1.0])
+    assert fitter._costs(["l0", "s"]) == [1.0, 1.0]
 
 
 # ------------------------------------------------------------------------------ whole fits

@@ -113,6 +113,8 @@ def test_the_fit_report_renders_in_chromium_from_disk(fit_report, chromium):
     assert "test accuracy" in text and "why" in text
     assert chromium.find_element("id", "test-accuracy").text not in ("", "—")
     assert len(chromium.find_elements("css selector", "#decisions li")) >= 4
+    body = chromium.find_element("tag name", "body").text
+    assert "center — 0% of the training images are longer than 1.2:1" in body, body
     assert len(chromium.find_elements("css selector", "#candidates tr")) == 2  # header + 1
     record = json.loads((fit_report.parent / "fit.json").read_text())
     runs = {

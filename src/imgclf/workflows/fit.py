@@ -377,9 +377,9 @@ class _Fitter:
         prof = self._profile()
         epoch = prof.train / rate + prof.val / (3 * rate)
         time_left = self.left() - self._reserve()
-        fits, needed = 0, 0.0
-        for key in keys:
-            needed += MIN_FINETUNE_EPOCHS * epoch * self._cost(key) / self._cost(keys[0])
+        fits, needed, costs = 0, 0.0, self._costs(keys)
+        for cost in costs:
+            needed += MIN_FINETUNE_EPOCHS * epoch * cost / costs[0]
             if needed > time_left:
                 break
             fits += 1
@@ -393,17 +393,21 @@ class _Fitter:
             self.record["survivors"] = keys[:fits]
             self.save()
 
-    def _cost(self, key: str) -> float:
-        """A candidate's relative cost per image (`fit_plan.relative_cost`; 1 if unknown)."""
-        for cand in self.record["candidates"]:
-            if cand["key"] == key:
-                return fit_plan.relative_cost(_candidate(cand))
-        return 1.0
+    def _costs(self, keys: list[str]) -> list[float]:
+        """The candidates' relative costs per image (`fit_plan.relative_cost`), or all 1 when
+        one is a scratch CNN or unknown: a small CNN's epoch is mostly loading and overhead,
+        not the multiply-adds its relative cost counts, so it is priced (and given time) like
+        the backbones, as before costs were used."""
+        by_key = {c["key"]: c for c in self.record["candidates"]}
+        cands = [by_key.get(k) for k in keys]
+        if any(c is None or c["pretrained"] == "none" for c in cands):
+            return [1.0] * len(keys)
+        return [fit_plan.relative_cost(_candidate(c)) for c in cands]
 
     def _share(self, keys: list[str], i: int) -> float:
         """Survivor i's seconds of the fine-tuning time left: split by relative cost, so each
         of the survivors still to come gets about the same number of epochs."""
-        costs = [self._cost(k) for k in keys[i:]]
+        costs = self._costs(keys[i:])
         return (self.left() - self._reserve()) * costs[0] / sum(costs)
 
     def _scratch_epochs(self, c: Candidate, seconds: float) -> int:

@@ -136,7 +136,7 @@ def test_the_ensemble_is_kept_only_when_it_beats_the_best_run_on_validation(tmp_
 def test_the_ensemble_with_flip_tta_reads_each_members_flipped_val_predictions(tmp_path):
     """Like for like: an ensemble is weighed with flip TTA from each member's flipped val
     evaluation (its predictions.csv also has p_true, which is not a class)."""
-    from imgclf.workflows.fit import FLIP_VAL, _flip_val_csv, _soft_vote_accuracy
+    from imgclf.workflows.fit import FLIP_VAL, _flip_val_csv
 
     truth = ["a", "a", "b", "b"]
     runs = []
@@ -153,8 +153,9 @@ def test_the_ensemble_with_flip_tta_reads_each_members_flipped_val_predictions(t
             for i, (t, pr) in enumerate(zip(truth, probs, strict=True)):
                 w.writerow([f"{i}.png", t, "ab"[int(np.argmax(pr))], pr["ab".index(t)], "ok", *pr])
         runs.append(run)
-    assert _soft_vote_accuracy(runs) == 0.5
-    assert _soft_vote_accuracy(runs, _flip_val_csv) == 1.0  # made already: nothing evaluated
+    assert ensemble_check(runs, best=0.75) == (0.5, False)
+    # made already: nothing is evaluated (these runs have no model to evaluate with)
+    assert ensemble_check(runs, best=0.75, where=_flip_val_csv) == (1.0, True)
 
 
 def test_a_cheaper_model_within_one_standard_error_of_the_best_is_kept(tmp_path):

@@ -369,8 +369,8 @@ class _Fitter:
         cannot tell: its feature pass runs without gradients, and from a warm cache not at all),
         the others' scaled by their relative cost per image (a Lite0 epoch is about 1/1.55 of a
         Lite1 one). On a CPU one well-trained model beats two half-trained ones; two that both
-        fit beat one (held-in clip art: fine-tuned Lite1 0.787 and Lite0 0.792 test accuracy,
-        their average 0.807)."""
+        fit beat one (held-in clip art, docs/PERFORMANCE.md: fine-tuned Lite1 0.787 and Lite0
+        0.792 test accuracy, their soft vote 0.807)."""
         keys = self.record["survivors"]
         if len(keys) <= 1 or rate <= 0:
             return
@@ -594,21 +594,21 @@ class _Fitter:
         # models that differ in backbone err differently, so a fit with one survivor still
         # tries an ensemble; kept only when it wins on val (held-in clip art: the fine-tuned
         # Lite0 and Lite1, val 0.7985 against 0.7761, kept; Lite1 with Lite0's probe, 0.7724
-        # against 0.8097, not kept). Fine-tuned ones are the ensemble worth having: squashed,
-        # Lite1 0.787 and Lite0 0.792 test accuracy, their soft vote 0.807.
+        # against 0.8097, not kept).
         members = [r["run"] for _, r in ranked[:3]]
         if fit_plan.QUALITIES[self.opts.quality].ensemble and len(members) >= 2:
             # Like for like: the ensemble with flip TTA too when the single run was offered it
             # (from each member's flipped val predictions; the best one's are made already).
             bar = max(top, chosen["val_accuracy"])
-            plain, _ = ensemble_check([Path(m) for m in members], bar)
-            flipped = None
+            runs = [Path(m) for m in members]
+            plain, kept = ensemble_check(runs, bar)
+            flipped, tta = None, None
             if plain is not None and "tta" in self.record and self.left() > self._reserve() * 0.5:
                 self.display.item(f"flip TTA on the ensemble's {len(members)} members (val)")
-                flipped = _soft_vote_accuracy([Path(m) for m in members], _flip_val_csv)
-            tta = "flip" if flipped is not None and plain is not None and flipped > plain else None
+                flipped, kept_flipped = ensemble_check(runs, bar, _flip_val_csv)
+                if flipped is not None and flipped > plain:
+                    tta, kept = "flip", kept_flipped
             acc = flipped if tta else plain
-            kept = acc is not None and acc > bar
             self.record["ensemble"] = {
                 "members": members,
                 "val_accuracy": plain,
@@ -957,19 +957,23 @@ def choose_single(ranked: list[tuple[str, dict]], cost: dict[str, float]) -> tup
     return best_key, best, f"{best_key}: the best validation accuracy of a single run"
 
 
-def ensemble_check(members: list[Path], best: float) -> tuple[float | None, bool]:
+def ensemble_check(
+    members: list[Path], best: float, where: Callable[[Path], Path] | None = None
+) -> tuple[float | None, bool]:
     """The soft-vote ensemble's validation accuracy, and whether it is kept: only when it
-    beats `best`, the best single model's (a tie keeps the single model: cheaper to run)."""
-    acc = _soft_vote_accuracy(members)
+    beats `best`, the best single model's (a tie keeps the single model: cheaper to run).
+    `where`: the members' val predictions to vote with (default their predictions/val.csv;
+    `_flip_val_csv`: with flip TTA)."""
+    acc = _soft_vote_accuracy(members, where or _val_csv)
     return acc, acc is not None and acc > best
 
 
 def _flip_val_csv(run: Path) -> Path:
     """The run's val predictions with flip TTA (`evaluations/fit-val-tta/predictions.csv`),
     evaluated now unless an earlier step of the fit made them."""
-    from imgclf.evaluate.evaluate import evaluate_run
+    from imgclf.evaluate.evaluate import evaluate_run, evaluations_dir
 
-    path = run / "evaluations" / FLIP_VAL / "predictions.csv"
+    path = evaluations_dir(run) / FLIP_VAL / "predictions.csv"
     if not path.is_file():
         evaluate_run(run, split="val", tta="flip", name=FLIP_VAL)
     return path

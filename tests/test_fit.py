@@ -123,14 +123,53 @@ def test_the_ensemble_is_kept_only_when_it_beats_the_best_run_on_validation(tmp_
     # each run is confidently right where the other is unsure and wrong: together they win
     one = _run(tmp_path / "one", truth, [[0.9, 0.1], [0.4, 0.6], [0.1, 0.9], [0.1, 0.9]])
     two = _run(tmp_path / "two", truth, [[0.45, 0.55], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
-    acc, kept = ensemble_check([one, two], best=0.75)
-    assert acc == 1.0 and kept
-    # the same members against a single run that is already perfect: not kept (a tie neither)
-    assert ensemble_check([one, two], best=1.0) == (1.0, False)
+    vote, kept = ensemble_check([one, two], best=0.75)
+    assert vote.accuracy == 1.0 and kept
+    # the same members against a single run that is already perfect: not kept (a tie neither,
+    # with no single model's losses to compare)
+    vote, kept = ensemble_check([one, two], best=1.0)
+    assert vote.accuracy == 1.0 and not kept
     # a run that is wrong everywhere drags the vote down: not kept
     bad = _run(tmp_path / "bad", truth, [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    acc, kept = ensemble_check([one, bad], best=0.75)
-    assert acc < 0.75 and not kept
+    vote, kept = ensemble_check([one, bad], best=0.75)
+    assert vote.accuracy < 0.75 and not kept
+
+
+def test_an_ensemble_that_ties_on_accuracy_is_kept_only_with_a_clearly_lower_log_loss(tmp_path):
+    """A tie on a few hundred val images says little; the log loss settles it, when it is lower
+    by at least one standard error of the paired per-image difference."""
+    from imgclf.workflows.fit import soft_vote
+
+    truth = ["a", "b"] * 10
+    right = [[0.6, 0.4], [0.4, 0.6]] * 10
+    right[-1] = [0.7, 0.3]  # both wrong on the last image
+    sure = [[0.9, 0.1], [0.1, 0.9]] * 10
+    sure[-1] = [0.8, 0.2]
+    one = _run(tmp_path / "one", truth, right)
+    two = _run(tmp_path / "two", truth, sure)
+    single = soft_vote([one])
+    assert single.accuracy == 0.95
+    assert single.loss == pytest.approx(-np.mean(np.log([0.6] * 19 + [0.3])))
+    vote, kept = ensemble_check([one, two], best=single.accuracy, single=single)
+    assert vote.accuracy == single.accuracy and vote.loss < single.loss and kept
+    assert vote.loss_z(single) > 1
+    # the same tie against the surer run alone: its loss is lower still, so not kept
+    vote, kept = ensemble_check([one, two], best=0.95, single=soft_vote([two]))
+    assert vote.loss > soft_vote([two]).loss and not kept
+    # lower, but within a standard error: one image a little surer, another less sure
+    near = [list(p) for p in right]
+    near[0], near[1] = [0.7, 0.3], [0.45, 0.55]
+    vote, kept = ensemble_check([one, _run(tmp_path / "near", truth, near)], 0.95, single=single)
+    assert vote.loss < single.loss and 0 < vote.loss_z(single) < 1 and not kept
+    # summary.json's float32 accuracy (0.95 reads 0.949999988) is the same tie
+    assert ensemble_check([one, two], best=float(np.float32(0.95)), single=single)[1]
+    # a lower loss does not make up for a lower accuracy
+    assert not ensemble_check([one, two], best=1.0, single=single)[1]
+    # a single run right on every val image stays, however much surer the vote is
+    perfect = _run(tmp_path / "perfect", truth, [[0.6, 0.4], [0.4, 0.6]] * 10)
+    surer = _run(tmp_path / "surer", truth, [[0.99, 0.01], [0.01, 0.99]] * 10)
+    vote, kept = ensemble_check([perfect, surer], 1.0, single=soft_vote([perfect]))
+    assert vote.accuracy == 1.0 and vote.loss_z(soft_vote([perfect])) > 1 and not kept
 
 
 def test_the_ensemble_with_flip_tta_reads_each_members_flipped_val_predictions(tmp_path):
@@ -153,9 +192,11 @@ def test_the_ensemble_with_flip_tta_reads_each_members_flipped_val_predictions(t
             for i, (t, pr) in enumerate(zip(truth, probs, strict=True)):
                 w.writerow([f"{i}.png", t, "ab"[int(np.argmax(pr))], pr["ab".index(t)], "ok", *pr])
         runs.append(run)
-    assert ensemble_check(runs, best=0.75) == (0.5, False)
+    vote, kept = ensemble_check(runs, best=0.75)
+    assert (vote.accuracy, kept) == (0.5, False)
     # made already: nothing is evaluated (these runs have no model to evaluate with)
-    assert ensemble_check(runs, best=0.75, where=_flip_val_csv) == (1.0, True)
+    vote, kept = ensemble_check(runs, best=0.75, where=_flip_val_csv)
+    assert (vote.accuracy, kept) == (1.0, True)
 
 
 def test_a_cheaper_model_within_one_standard_error_of_the_best_is_kept(tmp_path):

@@ -464,9 +464,23 @@ class _Fitter:
         cosine decay; the better round is the candidate's."""
         rounds = 1
         cand.setdefault("rounds", [dict(cand["finetune"])])
+        low = (SCRATCH_LR if c.scratch else FINETUNE_LR)[0]
         while True:
             last = cand["finetune"]
             if _score(last) is None or not last.get("epochs"):
+                return
+            # Nothing left to gain on val, or an lr too small to move the weights: a tie
+            # would otherwise warm-start round after round (tiny sets: 17 rounds to 2e-10).
+            if _score(last) >= 1.0 or lr / 3 < low:
+                self.decide(
+                    f"{c.key}: no more rounds ("
+                    + (
+                        "val accuracy 1.0)"
+                        if _score(last) >= 1.0
+                        else f"the lr would fall under {low:g})"
+                    )
+                )
+                cand["finetune"] = {**last, "done": True}
                 return
             epoch = max(1.0, (last["seconds"] - RUN_OVERHEAD) / last["epochs"])
             left = ends - time.monotonic()
@@ -599,28 +613,41 @@ class _Fitter:
         if fit_plan.QUALITIES[self.opts.quality].ensemble and len(members) >= 2:
             # Like for like: the ensemble with flip TTA too when the single run was offered it
             # (from each member's flipped val predictions; the best one's are made already).
-            bar = max(top, chosen["val_accuracy"])
+            bar, single = self._bar(top, ranked[0][1], chosen)
             runs = [Path(m) for m in members]
-            plain, kept = ensemble_check(runs, bar)
+            vote, kept = ensemble_check(runs, bar, single=single)
             flipped, tta = None, None
-            if plain is not None and "tta" in self.record and self.left() > self._reserve() * 0.5:
+            if vote is not None and "tta" in self.record and self.left() > self._reserve() * 0.5:
                 self.display.item(f"flip TTA on the ensemble's {len(members)} members (val)")
-                flipped, kept_flipped = ensemble_check(runs, bar, _flip_val_csv)
-                if flipped is not None and flipped > plain:
+                flipped, kept_flipped = ensemble_check(runs, bar, _flip_val_csv, single=single)
+                if flipped is not None and (flipped.accuracy, -flipped.loss) > (
+                    vote.accuracy,
+                    -vote.loss,
+                ):
                     tta, kept = "flip", kept_flipped
-            acc = flipped if tta else plain
+            used = flipped if tta else vote
+            acc = used.accuracy if used else None
+            tied = used is not None and single is not None and abs(used.accuracy - bar) < 1e-6
             self.record["ensemble"] = {
                 "members": members,
-                "val_accuracy": plain,
-                "val_accuracy_tta": flipped,
+                "val_accuracy": vote.accuracy if vote else None,
+                "val_accuracy_tta": flipped.accuracy if flipped else None,
                 "tta": tta,
+                "val_loss": used.loss if used else None,
+                "single_val_loss": single.loss if single else None,
                 "kept": kept,
             }
             self.decide(
                 f"soft-vote ensemble of the best runs of {len(members)} candidates: val accuracy "
-                + (f"{plain:.4f}" if plain is not None else "unknown")
-                + (f", {flipped:.4f} with flip TTA" if flipped is not None else "")
+                + (f"{vote.accuracy:.4f}" if vote is not None else "unknown")
+                + (f", {flipped.accuracy:.4f} with flip TTA" if flipped is not None else "")
                 + f" vs {bar:.4f}"
+                + (
+                    f" (a tie: log loss {used.loss:.4f} vs {single.loss:.4f}, "
+                    f"z {used.loss_z(single) or 0:.2f})"
+                    if tied
+                    else ""
+                )
                 + (" — kept" if kept else " — not kept")
             )
             if kept:
@@ -640,11 +667,25 @@ class _Fitter:
                     "val_accuracy": acc,
                     "why": f"the soft-vote ensemble of {len(members)} runs"
                     + (" with flip TTA" if tta else "")
-                    + f" beat the best single run on validation ({acc:.4f})",
+                    + (
+                        f" tied the best single run on validation accuracy ({acc:.4f}) with a "
+                        f"log loss lower by over a standard error ({used.loss:.4f} vs "
+                        f"{single.loss:.4f})"
+                        if tied
+                        else f" beat the best single run on validation ({acc:.4f})"
+                    ),
                 }
         self.record["chosen"] = chosen
         self.display.best(chosen["val_accuracy"], Path(chosen["folder"]).name)
         self.decide(f"chosen: {chosen['folder']} — {chosen['why']}")
+
+    def _bar(self, top: float, top_run: dict, chosen: dict) -> tuple[float, Vote | None]:
+        """What an ensemble must beat on val: the best single accuracy (the top run's, or the
+        chosen run's with flip TTA when that is higher), and that same model's own vote."""
+        if chosen["val_accuracy"] >= top:
+            where = _flip_val_csv if chosen["tta"] == "flip" else _val_csv
+            return chosen["val_accuracy"], soft_vote([Path(chosen["folder"])], where)
+        return top, soft_vote([Path(top_run["run"])])
 
     # 5 ---------------------------------------------------------------- test, export, report
 
@@ -737,7 +778,9 @@ class _Fitter:
         # TTA on the best run's val (2 views), the other members' too for the ensemble, the
         # test split once (an ensemble: each member) and the export's parity images.
         images = 2 * prof.val * (1 + survivors) + prof.test * (1 + survivors)
-        return RUN_OVERHEAD * 2 + 1.3 * images / min(rates)
+        # an ensemble of members at different sizes exports each one (about 4 s apiece here)
+        members = min(3, len(self.record["candidates"]))
+        return RUN_OVERHEAD * (2 + (members - 1) / 2) + 1.3 * images / min(rates)
 
     def _config(
         self,
@@ -958,14 +1001,32 @@ def choose_single(ranked: list[tuple[str, dict]], cost: dict[str, float]) -> tup
 
 
 def ensemble_check(
-    members: list[Path], best: float, where: Callable[[Path], Path] | None = None
-) -> tuple[float | None, bool]:
-    """The soft-vote ensemble's validation accuracy, and whether it is kept: only when it
-    beats `best`, the best single model's (a tie keeps the single model: cheaper to run).
-    `where`: the members' val predictions to vote with (default their predictions/val.csv;
+    members: list[Path],
+    best: float,
+    where: Callable[[Path], Path] | None = None,
+    *,
+    single: Vote | None = None,
+) -> tuple[Vote | None, bool]:
+    """The soft-vote ensemble on validation, and whether it is kept: when its accuracy beats
+    `best`, the best single model's, or ties it with a log loss lower by at least one standard
+    error of the per-image difference from `single` (that model's own vote, on the same val
+    images; z ≥ 1, the same margin as `choose_single`). A few hundred val images put one image
+    at a third of a point, so equal accuracy is common and says little; the log loss weighs
+    every image's probability (held-in clip art: the fine-tuned Lite0 and Lite1, both with flip
+    TTA, tied at 0.7799 on val, log loss 0.732 against 0.776, z = 2.3; the vote scored 0.8163
+    on test against the single run's 0.8052). Otherwise, and always when the single model is
+    right on every val image (a vote cannot show it would do better), the single model is kept:
+    cheaper to run. `where`: the members' val predictions (default predictions/val.csv;
     `_flip_val_csv`: with flip TTA)."""
-    acc = _soft_vote_accuracy(members, where or _val_csv)
-    return acc, acc is not None and acc > best
+    vote = soft_vote(members, where or _val_csv)
+    if vote is None:
+        return None, False
+    # summary.json keeps float32 accuracies: equal within a millionth is a tie. A single run
+    # that is right on every val image leaves the vote nothing to show: it stays, cheaper.
+    if abs(vote.accuracy - best) < 1e-6 and best < 1 - 1e-6 and single is not None:
+        z = vote.loss_z(single)
+        return vote, z is not None and z >= 1.0
+    return vote, vote.accuracy > best + 1e-6
 
 
 def _flip_val_csv(run: Path) -> Path:
@@ -1000,19 +1061,45 @@ def _val_predictions(
     return cols, {r["path"]: (r["label"], [float(r[c]) for c in cols]) for r in rows}
 
 
-def _soft_vote_accuracy(runs: list[Path], where: Callable[[Path], Path] = _val_csv) -> float | None:
-    """Validation accuracy of the members' averaged probabilities, from their saved val
-    predictions (`where`: predictions/val.csv, no inference; or `_flip_val_csv`)."""
+@dataclass(frozen=True)
+class Vote:
+    """Averaged val probabilities: accuracy, and the log loss of each image by path."""
+
+    accuracy: float
+    losses: dict[str, float]
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(list(self.losses.values())))
+
+    def loss_z(self, other: Vote) -> float | None:
+        """How far this vote's log loss is below `other`'s on the images both have, in standard
+        errors of the paired per-image difference (None with under two images)."""
+        common = sorted(set(self.losses) & set(other.losses))
+        if len(common) < 2:
+            return None
+        d = np.array([other.losses[k] - self.losses[k] for k in common])
+        se = d.std(ddof=1) / math.sqrt(len(d))
+        return float(d.mean() / se) if se > 0 else (math.inf if d.mean() > 0 else 0.0)
+
+
+def soft_vote(runs: list[Path], where: Callable[[Path], Path] = _val_csv) -> Vote | None:
+    """The members' averaged val probabilities, from their saved val predictions (`where`:
+    predictions/val.csv, no inference; or `_flip_val_csv`); one run gives its own. None when
+    they are missing or name different classes."""
     read = [_val_predictions(run, where) for run in runs]
     if any(r is None for r in read) or any(r[0] != read[0][0] for r in read):
         return None
-    names = read[0][0]
+    names = [n[2:] for n in read[0][0]]
     common = sorted(set.intersection(*(set(r[1]) for r in read)))
     if not common:
         return None
     mean = np.mean([[r[1][k][1] for k in common] for r in read], axis=0)
-    predicted = [names[i][2:] for i in mean.argmax(1)]
-    return float(np.mean([predicted[i] == read[0][1][k][0] for i, k in enumerate(common)]))
+    truth = [read[0][1][k][0] for k in common]
+    right = [names[int(i)] == t for i, t in zip(mean.argmax(1), truth, strict=True)]
+    p_true = [mean[i][names.index(t)] if t in names else 0.0 for i, t in enumerate(truth)]
+    losses = -np.log(np.clip(p_true, 1e-12, 1.0))
+    return Vote(float(np.mean(right)), dict(zip(common, map(float, losses), strict=True)))
 
 
 def paired_z(better: Path, other: Path) -> float | None:

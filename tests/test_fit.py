@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -364,6 +365,17 @@ def test_a_scratch_cnn_wins_on_tiny_images_unlike_photos_within_the_budget(tmp_p
     candidates = [m["tags"]["candidate"] for m in members]
     assert len(candidates) >= 2 and len(set(candidates)) == len(candidates), candidates
     assert "scratch_small" in [m["model"] for m in members]
+    # the vote's log loss is weighed beside the single run's, and the page shows both
+    assert isinstance(record["ensemble"]["val_loss"], float)
+    assert isinstance(record["ensemble"]["single_val_loss"], float)
+    assert "against the single run's" in (result.folder / "report.html").read_text()
+    # warm-start rounds stop at the lr range's floor (before: 17 rounds down to 2e-10)
+    round_lrs = [
+        float(re.search(r"at lr (\S+)$", d).group(1))
+        for d in record["decisions"]
+        if "more epochs from its best weights" in d
+    ]
+    assert all(lr >= 1e-5 for lr in round_lrs), record["decisions"]
 
 
 def test_a_pretrained_backbone_wins_on_photo_like_images(tmp_path):

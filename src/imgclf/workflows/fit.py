@@ -10,7 +10,7 @@ The recipe a careful person follows by hand, as one visible sequence of ordinary
    warm-started from the screening run, with early stopping on validation;
 4. **combine**: flip TTA and a soft-vote ensemble of the best run of each of the top three
    candidates (fine-tuned, or its probe), each kept only when it beats the best single run on
-   validation;
+   validation (an ensemble's tie on accuracy: by a clearly lower log loss, `ensemble_check`);
 5. **finish**: the chosen model's test split measured once, an ONNX export, a leaderboard of the
    fit and one report page.
 

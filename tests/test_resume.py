@@ -102,6 +102,16 @@ def test_report_shows_the_real_training_time_of_a_resumed_run(finished_run, tmp_
     old = tmp_path / "before"
     _copy_run(run, old)
     (old / "summary.json").write_text(json.dumps({**summary, "train_seconds": 0.0}))
+    # epochs of a known length: a warm machine trains this tiny run's epochs in under 0.05 s,
+    # which the page would rightly show as 0.0
+    lines = (old / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("seconds")
+    rows = [line.split(",") for line in lines[1:]]
+    for row, sec in zip(rows, (1.5, 2.0), strict=True):
+        row[col] = str(sec)
+    (old / "metrics.csv").write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n")
+    epochs = 3.5
     shown = _train_time(write_report(old).read_text())
     assert shown == f"{epochs:.1f}" and shown != "0.0"
     compare = compare_runs([finished_run, old], tmp_path / "cmp.html").read_text()

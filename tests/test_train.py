@@ -93,6 +93,13 @@ def test_run_folder_is_complete(data, tmp_path):
     data_json = json.loads((run / "data.json").read_text())
     assert data_json["split"]["a"] == {"train": 6, "val": 2, "test": 2}
     assert len(metrics_without_time(run)) == 2
+    # the best epoch keeps its val loss, which settles a later tie on val accuracy
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    best = summary["best"]
+    at_best = rows[best["epoch"] - 1]
+    assert best["val_loss"] == pytest.approx(float(at_best["val_loss"]))
+    later = [r for r in rows[best["epoch"] :] if float(r["val_accuracy"]) == best["value"]]
+    assert all(float(r["val_loss"]) >= best["val_loss"] for r in later)
     assert not any(p.name.endswith(".tmp") for p in run.rglob("*")), "no temporary files left"
     # The resolved config in the run folder is enough to repeat the run.
     assert load_config(run / "config.yaml") == cfg
@@ -326,3 +333,22 @@ def test_channels_last_is_the_default_on_cuda_and_the_cpu_and_a_run_can_turn_it_
     assert use_channels_last(on, "cpu") and use_channels_last(on, "cuda")
     assert not use_channels_last(on, "mps"), "other devices keep the contiguous layout"
     assert not use_channels_last(off, "cpu") and not use_channels_last(off, "cuda")
+
+
+def test_an_epoch_that_ties_the_best_accuracy_with_a_lower_val_loss_becomes_the_best():
+    """The best weights are the later of two epochs with equal val accuracy when its val loss is
+    lower; a tie without a lower loss, or on val_loss itself, keeps the first."""
+    from imgclf.train.fit import _tie_lower_loss
+
+    best = {"metric": "val_accuracy", "value": 0.85, "epoch": 1, "val_loss": 0.66}
+    later = {"epoch": 7, "val_accuracy": 0.85, "val_loss": 0.65}
+    assert _tie_lower_loss(later, "val_accuracy", best)
+    assert not _tie_lower_loss({**later, "val_loss": 0.70}, "val_accuracy", best)
+    assert not _tie_lower_loss({**later, "val_accuracy": 0.80}, "val_accuracy", best)
+    # a best recorded before val_loss was kept (an older checkpoint): the first stays
+    assert not _tie_lower_loss(
+        later, "val_accuracy", {k: v for k, v in best.items() if k != "val_loss"}
+    )
+    assert not _tie_lower_loss(
+        {"val_loss": 0.5}, "val_loss", {"metric": "val_loss", "value": 0.5, "val_loss": 0.5}
+    )

@@ -472,15 +472,12 @@ class _Fitter:
             # Nothing left to gain on val, or an lr too small to move the weights: a tie
             # would otherwise warm-start round after round (tiny sets: 17 rounds to 2e-10).
             if _score(last) >= 1.0 or lr / 3 < low:
-                self.decide(
-                    f"{c.key}: no more rounds ("
-                    + (
-                        "val accuracy 1.0)"
-                        if _score(last) >= 1.0
-                        else f"the lr would fall under {low:g})"
-                    )
+                why = (
+                    "val accuracy 1.0"
+                    if _score(last) >= 1.0
+                    else f"the lr would fall under {low:g}"
                 )
-                cand["finetune"] = {**last, "done": True}
+                self.decide(f"{c.key}: no more rounds ({why})")
                 return
             epoch = max(1.0, (last["seconds"] - RUN_OVERHEAD) / last["epochs"])
             left = ends - time.monotonic()
@@ -627,7 +624,7 @@ class _Fitter:
                     tta, kept = "flip", kept_flipped
             used = flipped if tta else vote
             acc = used.accuracy if used else None
-            tied = used is not None and single is not None and abs(used.accuracy - bar) < 1e-6
+            tied = used is not None and single is not None and _same_accuracy(used.accuracy, bar)
             self.record["ensemble"] = {
                 "members": members,
                 "val_accuracy": vote.accuracy if vote else None,
@@ -1021,12 +1018,17 @@ def ensemble_check(
     vote = soft_vote(members, where or _val_csv)
     if vote is None:
         return None, False
-    # summary.json keeps float32 accuracies: equal within a millionth is a tie. A single run
-    # that is right on every val image leaves the vote nothing to show: it stays, cheaper.
-    if abs(vote.accuracy - best) < 1e-6 and best < 1 - 1e-6 and single is not None:
-        z = vote.loss_z(single)
+    # A single run that is right on every val image leaves the vote nothing to show: it stays.
+    if _same_accuracy(vote.accuracy, best):
+        z = vote.loss_z(single) if single is not None and best < 1 else None
         return vote, z is not None and z >= 1.0
-    return vote, vote.accuracy > best + 1e-6
+    return vote, vote.accuracy > best
+
+
+def _same_accuracy(a: float, b: float) -> bool:
+    """summary.json keeps float32 accuracies (209/268 reads 0.77985072, not 0.77985075): equal
+    within a millionth is the same count of images."""
+    return abs(a - b) < 1e-6
 
 
 def _flip_val_csv(run: Path) -> Path:

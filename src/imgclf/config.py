@@ -202,6 +202,13 @@ class StageConfig(_Strict):
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="lr × decay^depth from the head"
     )
+    ema: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="average the weights over about this many epochs (an exponential moving "
+        "average, updated every step); validation and the kept best weights use the average",
+    )
     bn: Literal["frozen-eval", "eval", "train"] = Field(
         "frozen-eval",
         description="frozen-eval: frozen BatchNorm layers keep their running statistics; "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from imgclf.metric_names import lower_is_better
 from imgclf.models import count_parameters, optimizer_state_numel, set_train_mode
 from imgclf.runs.checkpoint import load_state_strict, rng_state, save_checkpoint, set_rng_state
 from imgclf.runs.record import RunDir
+from imgclf.train.average import WeightAverage
 from imgclf.train.distributed import gather_objects
 from imgclf.train.feature_cache import StageFeatures, head_probs, labels_of, train_head_epoch
 from imgclf.train.loop import (
@@ -69,6 +71,9 @@ class FitContext:
     # Early-stopping patience per stage, as train/recipe.py resolves `auto`; None: the config's
     # train.early_stopping.patience for every stage.
     patience: tuple[int | None, ...] | None = None
+    # The current stage's weight average (its `ema`), validated and kept instead of the raw
+    # weights; None when the stage keeps none.
+    average: WeightAverage | None = None
 
 
 class Pruned(Exception):
@@ -148,12 +153,29 @@ def _stage_setup(ctx: FitContext, stage: StageConfig, resume: dict | None):
     )
     ctx.model = step.model
     optimizer, schedule = step.optimizer, step.schedule
+    ctx.average = _weight_average(ctx, stage, schedule)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         schedule.load_state_dict(resume["schedule"])
         if resume.get("precision"):
             ctx.fabric.strategy.precision.load_state_dict(resume["precision"])
+        if ctx.average is not None and resume.get("average"):
+            ctx.average.load_state_dict(resume["average"])
     return optimizer, schedule
+
+
+def _weight_average(ctx: FitContext, stage: StageConfig, schedule) -> WeightAverage | None:
+    """The stage's weight average (`ema`, in epochs), started from its first weights. A head
+    stage on cached features trains a linear head to convergence: it keeps none, and says so."""
+    if stage.ema is None:
+        return None
+    if _uses_cache(ctx, stage):
+        ctx.log(
+            f"stage {stage.name or ''}: ema is not used on cached features (a head-only stage "
+            "trains a linear head, which converges without it)"
+        )
+        return None
+    return WeightAverage(ctx.raw_model, stage.ema * schedule.steps_per_epoch)
 
 
 def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, schedule) -> bool:
@@ -198,12 +220,13 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
             on_checkpoint=checkpoint,
             max_bad=cfg.max_bad_images,
             sync_every=1 if ctx.fabric.device.type == "cpu" else 25,
+            on_update=None if ctx.average is None else lambda: ctx.average.update(ctx.raw_model),
         )
     if ctx.stop.requested and epoch_state.batches < total:
         state.epoch_state, state.status = asdict(epoch_state), "interrupted"
         _save(ctx, state, optimizer, schedule)
         return False
-    with worker_deaths():
+    with worker_deaths(), _averaged(ctx):
         val = predict_loader(ctx.fabric, ctx.model, ctx.val_loader, channels_last=ctx.channels_last)
     # Rank 0's validation decides for every rank (per-rank BatchNorm statistics may differ).
     val_metrics = ctx.fabric.broadcast(
@@ -217,6 +240,18 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
         "images_per_s": round(epoch_state.seen / max(epoch_state.seconds, 1e-9), 1),
     }
     return _end_epoch(ctx, state, stage, optimizer, schedule, metrics, extra)
+
+
+def _averaged(ctx: FitContext):
+    """The weights validation sees: the stage's average when it keeps one."""
+    return nullcontext() if ctx.average is None else ctx.average.swapped_in(ctx.raw_model)
+
+
+def _kept_weights(ctx: FitContext) -> dict:
+    """The weights a run keeps as its best: those validation saw."""
+    if ctx.average is None:
+        return ctx.raw_model.state_dict()
+    return ctx.average.state_dict_of(ctx.raw_model)
 
 
 DATA_WAIT_WARN = 1 / 3
@@ -389,7 +424,7 @@ def _track_best(ctx: FitContext, state: FitState, row: dict) -> None:
             "stage": row["stage"],
             "val_loss": row.get("val_loss"),
         }
-        ctx.run.write_weights(ctx.raw_model.state_dict())
+        ctx.run.write_weights(_kept_weights(ctx))
     es = ctx.cfg.early_stopping
     if _patience(ctx, state) is None:
         return
@@ -436,6 +471,7 @@ def _save(ctx: FitContext, state: FitState, optimizer, schedule) -> None:
             "rng": rngs[0],
             "rng_ranks": rngs,
             "identity": ctx.identity,
+            "average": None if ctx.average is None else ctx.average.state_dict(),
         },
     )
 

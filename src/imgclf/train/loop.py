@@ -94,8 +94,11 @@ def train_one_epoch(
     on_checkpoint: Callable | None = None,
     max_bad: int = 100,
     sync_every: int = 1,
+    on_update: Callable[[], None] | None = None,
 ) -> EpochState:
     """Train over `loader` from `state` on; returns the updated state (stopped early if asked).
+
+    `on_update` is called after every optimizer step (a weight average's update).
 
     Under several processes `state` holds the sums over every rank: each sync all-reduces them.
     """
@@ -132,6 +135,8 @@ def train_one_epoch(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step_batch()
+            if on_update:
+                on_update()
         acc[0] += loss.detach().float() * y.shape[0]
         acc[1] += (logits.detach().argmax(1) == y).sum()
         acc[2] += y.shape[0]
@@ -151,6 +156,8 @@ def train_one_epoch(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step_batch()
+            if on_update:
+                on_update()
     _sync(fabric, state, acc, stop)
     state.seconds = time.perf_counter() - t0
     return state

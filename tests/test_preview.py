@@ -188,3 +188,35 @@ def test_a_run_configs_augmentation_and_mixup_are_drawn(manifest, tmp_path):
     bad = CliRunner().invoke(app, ["data", "preview", str(manifest), "-c", str(tmp_path)])
     assert isinstance(bad.exception, ImgclfError), bad.output  # the CLI's main prints it, exit 2
     assert "without config.yaml" in str(bad.exception)
+
+
+def test_the_sheet_draws_the_crop_mode_a_run_uses(manifest, tmp_path):
+    """A run with data.crop_mode: squash sees each 48×40 image whole; the sheet drawn from its
+    config (or with --crop-mode squash) shows that, not the centre square."""
+    from typer.testing import CliRunner
+
+    from imgclf.cli import app
+
+    m = read_manifest(manifest)
+    picked = pick_samples(m, 2, seed=0)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  crop_mode: squash\ntrain:\n  augment: {preset: none}\n")
+    sheets = {}
+    for name, args in (("config", ["-c", str(cfg)]), ("flag", ["--crop-mode", "squash"]),
+                       ("center", [])):  # fmt: skip
+        out = tmp_path / f"{name}.png"
+        result = CliRunner().invoke(
+            app,
+            ["data", "preview", str(manifest), *args, "--per-class", "2", "--size", "24",
+             "-o", str(out), "--augment", "none"],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        sheets[name] = tiles(Image.open(out).convert("RGB"), 3, 2, 24)
+    for mode, names in (("squash", ("config", "flag")), ("center", ("center",))):
+        tf = eval_transform(24, (0.5,) * 3, (0.5,) * 3, "bilinear", crop_pct=1.0, crop_mode=mode)
+        for r, entries in enumerate(picked.values()):
+            for c, entry in enumerate(entries):
+                expected = np.asarray(to_pil(tf(load_image(m.root / entry.path))))
+                for name in names:
+                    assert np.array_equal(sheets[name][r][c][0], expected), (name, r, c)
+    assert not np.array_equal(sheets["flag"][0][0][0], sheets["center"][0][0][0])

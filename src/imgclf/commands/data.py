@@ -105,11 +105,18 @@ def preview(
     split: Annotated[str | None, typer.Option(help="take samples from this split")] = None,
     seed: Annotated[int, typer.Option(help="which samples and which augmentations")] = 0,
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG file")] = Path("preview.png"),
+    crop_mode: Annotated[
+        Literal["center", "squash"] | None,
+        typer.Option(
+            help="center: the centre square of each image; squash: the whole image resized to "
+            "a square (default: the config's data.crop_mode, else center)"
+        ),
+    ] = None,
 ) -> None:
     """Contact sheet: N samples per class, raw beside augmented, to tune augmentation by eye.
 
-    With --config (or key=value overrides) the run config's own augmentation is drawn, and its
-    MixUp / CutMix in a third block."""
+    With --config (or key=value overrides) the run config's own augmentation and crop mode are
+    drawn, and its MixUp / CutMix in a third block."""
     from imgclf.data.preview import contact_sheet
 
     if config is None and not overrides:
@@ -121,17 +128,20 @@ def preview(
             split=split,
             seed=seed,
             out=out,
+            crop_mode=crop_mode or "center",
         )
     else:
         sheet = _preview_config(manifest, config, overrides or [], augment, per_class, size,
-                                split, seed, out)  # fmt: skip
+                                split, seed, out, crop_mode)  # fmt: skip
     mixed = " (+ MixUp / CutMix)" if sheet.mixed else ""
     console.print(
         f"{sheet.classes} classes × {sheet.per_class} samples{mixed} → {out}", highlight=False
     )
 
 
-def _preview_config(manifest, config, overrides, augment, per_class, size, split, seed, out):
+def _preview_config(
+    manifest, config, overrides, augment, per_class, size, split, seed, out, crop_mode
+):
     """A contact sheet of a run config's augmentation (and its batch mixer)."""
     from imgclf.config import load_config
     from imgclf.data.manifest import read_manifest
@@ -145,7 +155,8 @@ def _preview_config(manifest, config, overrides, augment, per_class, size, split
                               "or a run config YAML")  # fmt: skip
         config = config / CONFIG_YAML
     preset = [f"train.augment.preset={augment}"] if augment else []
-    cfg = load_config(config, [*preset, *overrides])
+    mode = [f"data.crop_mode={crop_mode}"] if crop_mode else []
+    cfg = load_config(config, [*preset, *mode, *overrides])
     train = cfg.train
     mixer = batch_mixer(train, len(read_manifest(manifest).labels))
     parts = [
@@ -168,6 +179,7 @@ def _preview_config(manifest, config, overrides, augment, per_class, size, split
         title=f"{name} ({train.augment.preset} preset + its overrides)",
         mixer=mixer,
         mix_title=f"mixed: {' / '.join(p for p in parts if p)} (with the class above)",
+        crop_mode=cfg.data.crop_mode or "center",
     )
 
 

@@ -76,11 +76,14 @@ def contact_sheet(
     title: str | None = None,
     mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     mix_title: str = "mixed",
+    crop_mode: str = "center",
 ) -> Sheet:
     """Draw the raw and augmented grid for a manifest and write it as a PNG (atomically).
 
     `augment` (a run config's `train.augment`) replaces `preset`; `title` names it on the
-    sheet. `mixer`: (images, labels) → (mixed images, soft targets), e.g. `batch_mixer`."""
+    sheet. `mixer`: (images, labels) → (mixed images, soft targets), e.g. `batch_mixer`.
+    `crop_mode` (a run config's `data.crop_mode`): `squash` draws each image whole, resized to
+    a square, as a run with it sees them; `center` keeps the centre square."""
     manifest = read_manifest(manifest_dir)
     if augment is None:
         try:
@@ -92,9 +95,11 @@ def contact_sheet(
         title = title or preset
     aug = augment
     picked = pick_samples(manifest, per_class, split, seed)
-    # No model here: bilinear, the whole image (crop_pct 1), as the sheet has always been drawn.
-    raw_tf = eval_transform(size, _MEAN, _STD, "bilinear", crop_pct=1.0)
-    aug_tf = train_transform(aug, size, _MEAN, _STD, "bilinear", crop_pct=1.0)  # none = raw
+    # No model here: bilinear, no margin (crop_pct 1), as the sheet has always been drawn.
+    raw_tf = eval_transform(size, _MEAN, _STD, "bilinear", crop_pct=1.0, crop_mode=crop_mode)
+    aug_tf = train_transform(  # preset none: the raw view
+        aug, size, _MEAN, _STD, "bilinear", crop_pct=1.0, crop_mode=crop_mode
+    )
     font = _font(max(10, min(16, size // 6)))
     label_w = _PAD + max(_text_width(font, n) for n in picked) + 2 * _PAD
     block_w = per_class * (size + _PAD)
@@ -108,7 +113,8 @@ def contact_sheet(
         _BACKGROUND,
     )
     draw = ImageDraw.Draw(sheet)
-    draw.text((label_w, _PAD), "raw (eval view)", fill=_TEXT, font=font)
+    view = "eval view" if crop_mode == "center" else f"eval view, {crop_mode}"
+    draw.text((label_w, _PAD), f"raw ({view})", fill=_TEXT, font=font)
     draw.text((label_w + block_w + _GAP, _PAD), f"augmented: {title}", fill=_TEXT, font=font)
     skipped = 0
     views: dict[tuple[int, int], torch.Tensor] = {}

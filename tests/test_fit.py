@@ -87,6 +87,44 @@ def test_augmentation_and_imbalance_follow_the_data_and_say_why():
     assert mode == "none" and "6.0×" in why
 
 
+def test_white_background_images_are_rotated_with_a_white_fill(tmp_path):
+    """Drawings on white (and transparent ones, composited on white): the corners a rotation
+    uncovers are filled white, not with the default black the model would see only in
+    training; photos keep the default."""
+    from dataclasses import replace
+
+    from imgclf.config import ScanConfig
+    from imgclf.data.borders import sample_borders
+    from imgclf.data.manifest import read_manifest
+    from imgclf.data.scan import scan_to
+
+    root = tmp_path / "drawings"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("cup", "pan")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            if i % 2:  # transparent around a coloured disc
+                im = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+            else:
+                im = Image.new("RGB", (40, 30), "white")
+            ImageDraw.Draw(im).ellipse([8, 5, 32, 25], fill=(200 * c, 90, 40, 255))
+            im.save(root / name / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(
+        root / "pan" / "photo.png"
+    )
+    scan_to(root, tmp_path / "m", ScanConfig(workers=1), progress=False)
+    manifest = read_manifest(tmp_path / "m")
+    borders = sample_borders(manifest, split=None)
+    assert borders.sampled == 13 and borders.light == pytest.approx(12 / 13, abs=1e-3)
+    assert borders.dark == 0
+    drawn = replace(profile(300), light_borders=borders.light)
+    aug, why = fit_plan.augmentation(drawn)
+    assert aug == {"preset": "default", "fill": "white"} and "92% of a sample" in why
+    aug, _ = fit_plan.augmentation(replace(profile(32), light_borders=0.9))
+    assert aug["fill"] == "white" and aug["hflip"] == 0
+    assert "fill" not in fit_plan.augmentation(replace(profile(300), light_borders=0.3))[0]
+
+
 def test_finetune_lr_is_a_tenth_of_where_the_loss_starts_to_rise():
     lrs = [10**e for e in np.linspace(-6, 0, 25)]
     flat_then_rising = [1.0] * 15 + [1.2, 1.6, 3.0] + [9.0] * 7

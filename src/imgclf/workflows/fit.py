@@ -35,13 +35,14 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imgclf.config import RunConfig, validate
+from imgclf.data.borders import sample_borders
 from imgclf.data.manifest import MANIFEST_JSON
 from imgclf.data.prepare import prepare
 from imgclf.errors import ImgclfError
@@ -253,7 +254,12 @@ class _Fitter:
                 f"{manifest_dir} has no validation images: fit chooses on the val split; "
                 "re-split with imgclf split MANIFEST --val 0.2 --force"
             )
-        profile = fit_plan.profile_manifest(manifest)
+        borders = sample_borders(manifest)
+        profile = replace(
+            fit_plan.profile_manifest(manifest),
+            light_borders=borders.light,
+            dark_borders=borders.dark,
+        )
         machine = _machine(self.opts.device)
         self.record.update(
             manifest=str(manifest_dir),

@@ -29,6 +29,8 @@ IMBALANCE_RATIO = 10.0
 # keeps less than 83 % of it); when a tenth of the training images are, the fit squashes.
 ELONGATED = 1.2
 SQUASH_SHARE = 0.1
+# When half a sample of the training images have a white border, augmentation fills white.
+WHITE_FILL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class DataProfile:
     median_side: int  # median of the shorter side, pixels
     grayscale: float  # share of images stored with one channel (L, 1, I, I;16)
     elongated: float = 0.0  # share of images whose long side is over ELONGATED × the short
+    # shares of a sample of training images whose one-pixel border is white / black
+    # (data/borders.py; read from the images, so set by the fit, not profile_manifest)
+    light_borders: float = 0.0
+    dark_borders: float = 0.0
 
     @property
     def imbalance(self) -> float:
@@ -215,7 +221,7 @@ def _unique(candidates: list[Candidate]) -> list[Candidate]:
 def augmentation(profile: DataProfile) -> tuple[dict[str, Any], str]:
     """The `train.augment` block and the reason for it."""
     if profile.small or profile.grayscale >= 0.5:
-        return (
+        augment, why = (
             {
                 "preset": "light",
                 "hflip": 0.0,
@@ -226,10 +232,21 @@ def augmentation(profile: DataProfile) -> tuple[dict[str, Any], str]:
             "small or grayscale images (glyphs, digits, scans, icons) are often not mirror-"
             "symmetric: no flips; small rotations, shifts and crops instead",
         )
-    return (
-        {"preset": "default"},
-        "photo-like images: the default preset (random resized crops, flips, mild colour jitter)",
-    )
+    else:
+        augment, why = (
+            {"preset": "default"},
+            "photo-like images: the default preset (random resized crops, flips, mild colour "
+            "jitter)",
+        )
+    if profile.light_borders >= WHITE_FILL_SHARE:
+        # The corners a rotation uncovers are filled black by default: on white-background
+        # images that is a mark the model would only ever see in training.
+        augment["fill"] = "white"
+        why += (
+            f"; {profile.light_borders:.0%} of a sample of the training images have a white "
+            "border, so rotations fill the corners they uncover with white, not black"
+        )
+    return augment, why
 
 
 def crop_mode(profile: DataProfile) -> tuple[str, str]:

@@ -15,9 +15,10 @@ Paths go through imgclf's Python API or its CLI (`python -m imgclf`) as a user's
       model's device and memory-mapped (`data.cache`, `data.cache_device`)
   bf16-channels-last, fp32-contiguous   `train.precision` / `train.channels_last` both ways
   compile            `train.compile=true`
-  kill-resume        `python -m imgclf train` in a subprocess, SIGKILL once its first checkpoint
-                     exists, then `train(resume=RUN)` (what `--resume` calls) to status
-                     completed (bitwise equality is the CPU fault tests' job, not checked here)
+  kill-resume        `python -m imgclf train` (with a weight average, `ema`) in a subprocess,
+                     SIGKILL once its first checkpoint exists, then `train(resume=RUN)` (what
+                     `--resume` calls) to status completed (bitwise equality is the CPU fault
+                     tests' job, not checked here)
   predict, evaluate, export-onnx   of the `standard` run (predict on the GPU; export's parity)
   torchrun-1         `torchrun --nproc_per_node 1 -m imgclf train`
   mlflow-mirror, sweep-optuna, serve-fastapi   the optional packages' paths: the GPU run mirrored
@@ -255,7 +256,10 @@ def compile_path(check: Check) -> tuple[str, dict]:
 def kill_resume(check: Check) -> tuple[str, dict]:
     """SIGKILL `imgclf train` once its first checkpoint exists, then resume it."""
     runs = check.work / "runs" / "kill"
-    args = check.overrides("kill", "train.checkpoint_every=1", epochs=4 if check.smoke else 6)
+    # with a weight average, whose update, validation swap and restore run on the device
+    args = check.overrides(
+        "kill", "train.checkpoint_every=1", "train.stages.0.ema=1.0", epochs=4 if check.smoke else 6
+    )
     log = open(check.work / "kill.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [*check.imgclf("train", *args, "--no-progress")],

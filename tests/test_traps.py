@@ -5,6 +5,7 @@ One tiny run trained without horizontal flips, a head-only stage first, serves m
 others train one more tiny run each (warm starts, class imbalance, a two-stage model)."""
 
 import json
+import random
 import re
 import shutil
 
@@ -279,3 +280,37 @@ def test_imbalance_record_of_each_mode():
     rec = imbalance_record(cfg, [8, 2], ["x", "y"])
     assert rec["class_weights"] == {"x": 1.0, "y": 1.0} and "gamma 1.5" in rec["applied_as"]
     assert imbalance_record(load_config(None, []).train, [8, 2], ["x", "y"]) is None
+
+
+# ---------------------------------------------------------------- 8. black corners on white
+
+
+def white_background_folder(root):
+    """Drawings on white: a coloured disc per class, placed at random."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            im = Image.new("RGB", (40, 40), "white")
+            x, y = rng.randint(4, 16), rng.randint(4, 16)
+            ImageDraw.Draw(im).ellipse([x, y, x + 18, y + 18], fill=((80 * c) % 256, 60, 200))
+            im.save(root / name / f"{i}.png")
+    return root
+
+
+def test_rotations_that_fill_black_on_white_background_images_are_a_warning(tmp_path):
+    data = white_background_folder(tmp_path / "drawings")
+    one = "train.stages=[{epochs: 1, lr: 0.01}]"
+    run, logs = trained(config(tmp_path, data, "train.augment.preset=default", one))
+    warnings = said(logs, "white border")
+    assert len(warnings) == 1 and "train.augment.fill=white" in warnings[0], logs
+    assert "100% of a sample" in warnings[0] and "with black" in warnings[0]
+    assert summary_of(run)["warnings"] == [warnings[0].removeprefix("warning: ")]
+    # said for the mean colour too; not with a white fill, nor without rotations or shifts
+    _, logs = trained(config(tmp_path, data, "train.augment.fill=mean", one))
+    assert said(logs, "with mean")
+    for quiet in (["train.augment.fill=white"], ["train.augment.preset=light"]):
+        run, logs = trained(config(tmp_path, data, "train.augment.preset=default", *quiet, one))
+        assert not said(logs, "white border") and not summary_of(run)["warnings"], quiet

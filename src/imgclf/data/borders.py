@@ -4,7 +4,7 @@ Drawings, icons, product shots and scans sit on a plain background, most often w
 imgclf composites transparent images on white). A rotation or shear fills the corners it
 uncovers with `train.augment.fill`; black corners on white-background images are something
 the model sees only in training. `imgclf fit` reads a seeded sample's borders to choose the fill
-(held-in clip art: 85 % of the images have a white border).
+(held-in clip art: 89 % of the 64 sampled training images have a white border).
 """
 
 from __future__ import annotations

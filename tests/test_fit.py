@@ -19,7 +19,14 @@ from PIL import Image, ImageDraw
 
 from imgclf.errors import ImgclfError
 from imgclf.workflows import fit_plan
-from imgclf.workflows.fit import FitOptions, choose_single, ensemble_check, fit, paired_z
+from imgclf.workflows.fit import (
+    FitOptions,
+    _Fitter,
+    choose_single,
+    ensemble_check,
+    fit,
+    paired_z,
+)
 from imgclf.workflows.fit_plan import DataProfile
 
 # ------------------------------------------------------------------------------ planning rules
@@ -123,6 +130,16 @@ def test_white_background_images_are_rotated_with_a_white_fill(tmp_path):
     aug, _ = fit_plan.augmentation(replace(profile(32), light_borders=0.9))
     assert aug["fill"] == "white" and aug["hflip"] == 0
     assert "fill" not in fit_plan.augmentation(replace(profile(300), light_borders=0.3))[0]
+    # the fit reads the borders itself and records the choice
+    opts = FitOptions(
+        data=root, budget=60, runs_dir=tmp_path / "runs", fits_dir=tmp_path / "fits",
+        progress=False, mlflow=False,
+    )  # fmt: skip
+    fitter = _Fitter.start(opts, None, lambda *_: None)
+    fitter.prepare()
+    trained_on = sample_borders(read_manifest(Path(fitter.record["manifest"])))  # train split
+    assert fitter.record["profile"]["light_borders"] == trained_on.light >= 0.5
+    assert fitter.record["settings"]["augment"]["fill"] == "white"
 
 
 def test_finetune_lr_is_a_tenth_of_where_the_loss_starts_to_rise():

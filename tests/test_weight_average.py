@@ -2,6 +2,7 @@
 averaged weights it validated, and an exact resume after SIGKILL with the average in the
 checkpoint."""
 
+import csv
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from torch import nn
 
 from imgclf.config import load_config
 from imgclf.errors import ImgclfError
+from imgclf.evaluate.evaluate import evaluate_run
 from imgclf.runs.layout import CHECKPOINT
 from imgclf.train.average import WeightAverage
 from imgclf.workflows.training import train
@@ -38,20 +40,20 @@ def test_the_average_follows_the_weights_with_its_decay_and_hands_them_back():
     for step in range(1, 6):
         with torch.no_grad():
             model.weight.fill_(float(step))
-        average.update(model)
+        average.update()
         decay = min(0.75, (1 + step) / (10 + step))
         expected = decay * expected + (1 - decay) * step
     averaged = average.state_dict_of(model)["weight"]
     assert torch.allclose(averaged, torch.full((1, 2), expected))
     assert not torch.allclose(averaged, model.weight)  # the raw weights are left alone
-    with average.swapped_in(model):
+    with average.swapped_in():
         assert torch.allclose(model.weight, averaged)
     assert torch.equal(model.weight, torch.full((1, 2), 5.0))
     # a checkpoint round trip carries the values and the step count
     other = WeightAverage(model, horizon_steps=4)
     other.load_state_dict(average.state_dict())
     assert other.steps == 5 and torch.equal(other.state_dict_of(model)["weight"], averaged)
-    with pytest.raises(ValueError, match="another model"):
+    with pytest.raises(ValueError, match="other tensors"):
         WeightAverage(nn.Linear(3, 1, bias=False), 4).load_state_dict(average.state_dict())
 
 
@@ -65,10 +67,15 @@ def test_a_run_keeps_the_averaged_weights_it_validated(data, tmp_path):
     assert average["steps"] > 0
     kept = weights(run)
     assert all(torch.equal(kept[k], v) for k, v in average["values"].items())
+    # validation saw the averaged weights: the kept model's val loss is the epoch's
+    (row,) = list(csv.DictReader((run / "metrics.csv").open()))
+    val = evaluate_run(run, split="val")
+    assert val.record["metrics"]["log_loss"] == pytest.approx(float(row["val_loss"]), abs=1e-4)
     assert any(not torch.equal(kept[k], raw[k]) for k in average["values"])
-    # buffers (BatchNorm's statistics) are the model's own
+    # BatchNorm's statistics (updated in this stage) are averaged with the weights they go with
     buffers = [k for k in raw if "running_" in k]
-    assert buffers and all(torch.equal(kept[k], raw[k]) for k in buffers)
+    assert buffers and set(buffers) <= set(average["values"])
+    assert any(not torch.equal(kept[k], raw[k]) for k in buffers)
 
 
 def test_ema_is_checked_at_the_edge():

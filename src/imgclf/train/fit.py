@@ -171,8 +171,8 @@ def _weight_average(ctx: FitContext, stage: StageConfig, schedule) -> WeightAver
         return None
     if _uses_cache(ctx, stage):
         ctx.log(
-            f"stage {stage.name or ''}: ema is not used on cached features (a head-only stage "
-            "trains a linear head, which converges without it)"
+            "a head-only stage on cached features keeps no weight average (ema): it trains a "
+            "linear head, which converges without one"
         )
         return None
     return WeightAverage(ctx.raw_model, stage.ema * schedule.steps_per_epoch)
@@ -220,7 +220,7 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
             on_checkpoint=checkpoint,
             max_bad=cfg.max_bad_images,
             sync_every=1 if ctx.fabric.device.type == "cpu" else 25,
-            on_update=None if ctx.average is None else lambda: ctx.average.update(ctx.raw_model),
+            on_update=None if ctx.average is None else ctx.average.update,
         )
     if ctx.stop.requested and epoch_state.batches < total:
         state.epoch_state, state.status = asdict(epoch_state), "interrupted"
@@ -244,7 +244,7 @@ def _one_epoch(ctx: FitContext, state: FitState, stage: StageConfig, optimizer, 
 
 def _averaged(ctx: FitContext):
     """The weights validation sees: the stage's average when it keeps one."""
-    return nullcontext() if ctx.average is None else ctx.average.swapped_in(ctx.raw_model)
+    return nullcontext() if ctx.average is None else ctx.average.swapped_in()
 
 
 def _kept_weights(ctx: FitContext) -> dict:

@@ -254,12 +254,8 @@ class _Fitter:
                 f"{manifest_dir} has no validation images: fit chooses on the val split; "
                 "re-split with imgclf split MANIFEST --val 0.2 --force"
             )
-        borders = sample_borders(manifest)
-        profile = replace(
-            fit_plan.profile_manifest(manifest),
-            light_borders=borders.light,
-            dark_borders=borders.dark,
-        )
+        light = sample_borders(manifest).light
+        profile = replace(fit_plan.profile_manifest(manifest), light_borders=light)
         machine = _machine(self.opts.device)
         self.record.update(
             manifest=str(manifest_dir),

@@ -67,10 +67,9 @@ class DataProfile:
     median_side: int  # median of the shorter side, pixels
     grayscale: float  # share of images stored with one channel (L, 1, I, I;16)
     elongated: float = 0.0  # share of images whose long side is over ELONGATED × the short
-    # shares of a sample of training images whose one-pixel border is white / black
-    # (data/borders.py; read from the images, so set by the fit, not profile_manifest)
+    # share of a sample of training images whose one-pixel border is white (data/borders.py;
+    # read from the images, so set by the fit, not profile_manifest)
     light_borders: float = 0.0
-    dark_borders: float = 0.0
 
     @property
     def imbalance(self) -> float:

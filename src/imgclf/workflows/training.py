@@ -179,9 +179,9 @@ def _silent(*_args, **_kwargs) -> None:
 
 def _fill_warning(augment, manifest: Manifest) -> str | None:
     """Rotations, shears or shifts that fill the corners they uncover with black or the mean
-    colour, on training images most of whose borders are white (drawings, icons, transparent
-    images): a mark the model sees only in training. Held-in clip art: test 0.7922 with black,
-    0.7996 with white (docs/PERFORMANCE.md)."""
+    colour, on training images half or more of whose sampled borders are white (drawings,
+    icons, transparent images): a mark the model sees only in training. Held-in clip art: test
+    0.7922 with black, 0.7996 with white (docs/PERFORMANCE.md)."""
     r = resolve_augment(augment)
     if not (r["rotation"] or r["shear"] or r["translate"]) or r["fill"] == "white":
         return None

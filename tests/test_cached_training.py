@@ -25,6 +25,19 @@ def quiet(*_):
     return None
 
 
+def killed_then_resumed(args: list[str], runs: Path, fault: str = "rename:3") -> Path:
+    """`imgclf train ARGS` SIGKILLed by `fault` (tests/faults/inject.py), then `--resume`d to
+    the end in a fresh process; returns the run folder."""
+    cmd = [sys.executable, str(INJECT), fault, "--", "train", *args, f"runs_dir={runs}"]
+    killed = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    run = next(runs.iterdir())
+    resume = [sys.executable, "-m", "imgclf", "train", "--resume", str(run), "--no-progress"]
+    done = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run
+
+
 def test_cached_path_reaches_the_standard_accuracy_on_digits(tmp_path):
     """The demo's from-scratch recipe (5 of its 12 epochs) both ways: test accuracy within one
     point. The two paths
@@ -67,14 +80,7 @@ def test_cached_training_resumes_exactly_after_a_kill(tmp_path):
     ]
     ref = train(load_config(None, [*args, f"runs_dir={tmp_path / 'ref'}"]), progress=False,
                 log=quiet)  # fmt: skip
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, str(INJECT), "rename:3", "--", "train", *args, f"runs_dir={runs}"]
-    killed = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    run = next(runs.iterdir())
-    resume = [sys.executable, "-m", "imgclf", "train", "--resume", str(run), "--no-progress"]
-    done = subprocess.run(resume, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run = killed_then_resumed(args, tmp_path / "runs")
     assert metrics_without_time(run) == metrics_without_time(ref)
     assert same_weights(run, ref)
 

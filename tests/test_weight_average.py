@@ -3,9 +3,6 @@ averaged weights it validated, and an exact resume after SIGKILL with the averag
 checkpoint."""
 
 import csv
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from imgclf.evaluate.evaluate import evaluate_run
 from imgclf.runs.layout import CHECKPOINT
 from imgclf.train.average import WeightAverage
 from imgclf.workflows.training import train
-from test_cached_training import INJECT, quiet
+from test_cached_training import killed_then_resumed, quiet
 from test_train import TINY, cfg_for, metrics_without_time, same_weights, weights
 
 import factory as fx
@@ -93,13 +90,6 @@ def test_an_averaging_run_resumes_exactly_after_a_kill(data, tmp_path):
     ]
     ref = train(load_config(None, [*args, f"runs_dir={tmp_path / 'ref'}"]), progress=False,
                 log=quiet)  # fmt: skip
-    runs = tmp_path / "runs"
-    cmd = [sys.executable, str(INJECT), "rename:3", "--", "train", *args, f"runs_dir={runs}"]
-    killed = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    run = next(runs.iterdir())
-    resume = [sys.executable, "-m", "imgclf", "train", "--resume", str(run), "--no-progress"]
-    done = subprocess.run(resume, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run = killed_then_resumed(args, tmp_path / "runs")
     assert metrics_without_time(run) == metrics_without_time(ref)
     assert same_weights(run, ref)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image, ImageDraw
 
 from imgclf.errors import ImgclfError
@@ -330,6 +331,33 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     assert fitter._costs(["l0", "s"]) == [1.0, 1.0]
 
 
+def test_runs_train_in_bf16_where_the_cpu_has_it_natively(tmp_path):
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import _candidate
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    settings = {"batch_size": 8, "augment": {"preset": "default"}, "imbalance": "none"}
+    record = {"profile": asdict(profile(224)), "candidates": [], "decisions": []}
+    record.update(fit_id="f", manifest=str(tmp_path / "manifest"), settings=settings)
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    cand = {"key": "l0", "model": "efficientnet_lite0", "pretrained": "packaged"}
+    c = _candidate({**cand, "image_size": 224, "why": ""})
+    precision = {}
+    # a fit.json from before the bf16 choice has no "bf16": its runs stay in fp32 on resume
+    for name, machine in (
+        ("bf16", {"device": "cpu", "bf16": True}),
+        ("no bf16", {"device": "cpu", "bf16": False}),
+        ("older record", {"device": "cpu"}),
+    ):
+        record["machine"] = machine
+        precision[name] = fitter._config(
+            c, "screen", [{"epochs": 1}], features=False
+        ).train.precision
+    assert precision == {"bf16": "bf16-mixed", "no bf16": "auto", "older record": "auto"}
+
+
 # ------------------------------------------------------------------------------ whole fits
 
 
@@ -431,6 +459,10 @@ def test_a_scratch_cnn_wins_on_tiny_images_unlike_photos_within_the_budget(tmp_p
         if "more epochs from its best weights" in d
     ]
     assert all(lr >= 1e-5 for lr in round_lrs), record["decisions"]
+    # every run trained in the precision the machine record chose (bf16 on a CPU that has it)
+    want = "bf16-mixed" if record["machine"]["bf16"] else "auto"
+    for run in (tmp_path / "runs").iterdir():
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == want
 
 
 def test_a_pretrained_backbone_wins_on_photo_like_images(tmp_path):

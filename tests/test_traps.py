@@ -314,3 +314,23 @@ def test_rotations_that_fill_black_on_white_background_images_are_a_warning(tmp_
     for quiet in (["train.augment.fill=white"], ["train.augment.preset=light"]):
         run, logs = trained(config(tmp_path, data, "train.augment.preset=default", *quiet, one))
         assert not said(logs, "white border") and not summary_of(run)["warnings"], quiet
+
+
+# ---------------------------------------------------------------- 9. fp32 on a CPU with bf16
+
+
+def test_a_cpu_run_in_fp32_where_bf16_is_native_names_the_faster_precision(tmp_path, monkeypatch):
+    from imgclf.workflows import training
+
+    data = white_background_folder(tmp_path / "drawings")
+    one = "train.stages=[{epochs: 1, lr: 0.01}]"
+    for native, extra, want in (
+        (True, [], 1),  # precision auto: fp32 on the CPU, the note names bf16-mixed
+        (True, ["train.precision=bf16-mixed"], 0),  # chosen already: trains in bf16, no note
+        (False, [], 0),  # emulated bf16 would be slower: no note
+    ):
+        monkeypatch.setattr(training, "cpu_has_bf16", lambda native=native: native)
+        run, logs = trained(config(tmp_path, data, "train.accelerator=cpu", one, *extra))
+        notes = said(logs, "train.precision=bf16-mixed trains")
+        assert len(notes) == want, (native, extra, logs)
+        assert summary_of(run)["status"] == "completed"

@@ -50,7 +50,14 @@ from imgclf.train.fit import FitContext, FitState, Pruned, fit, restore
 from imgclf.train.loop import Diverged, StopFlag
 from imgclf.train.losses import batch_mixer, build_loss, describe_imbalance, imbalance_record
 from imgclf.train.recipe import resolve_recipe
-from imgclf.train.step import StepParts, assemble, maybe_compile, prepare_model, seed_everything
+from imgclf.train.step import (
+    StepParts,
+    assemble,
+    cpu_has_bf16,
+    maybe_compile,
+    prepare_model,
+    seed_everything,
+)
 from imgclf.workflows.finalize import finalize
 
 
@@ -134,6 +141,11 @@ def _train(
         if fill:
             log(f"warning: {fill}")
             state.warnings.append(fill)
+        if cfg.train.precision == "auto" and parts.device.type == "cpu" and cpu_has_bf16():
+            log(
+                "note: this CPU computes bf16 natively: train.precision=bf16-mixed trains "
+                "about 1.2x faster here (imgclf fit uses it)"
+            )
     else:
         _check_identity(run.path, checkpoint["identity"], identity, force)
         run.writer = world.is_zero

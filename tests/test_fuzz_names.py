@@ -213,6 +213,8 @@ def hostile_run(tmp_path_factory):
 @given(spec=classes)
 @example(spec=[(b"cat", [(b"bad_\xff", b".png", "good"), (b"pipe", b".png", "fifo")])])
 @example(spec=[(b"\xff\xfe", [(b"x", b".png", "good")]), (b"ok", [(b"L" * 251, b".png", "good")])])
+# a class named "¹": a digit to str.isdigit but not to int() (the class-order key raised)
+@example(spec=[("\u00b9".encode(), [(b"x", b".png", "good")]), (b"c2", [(b"y", b".png", "good")])])
 def test_any_names_give_a_manifest_or_a_clear_error(hostile_run, tmp_path, spec):
     """RELIABILITY 15, 31, 32: scan → split → training loader → predict on random names."""
     with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:

@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 def natural_key(name: str) -> list[Any]:
     """Sort key that puts class_2 before class_10 (docs/RELIABILITY.md 24)."""
     parts = re.split(r"(\d+)", unicodedata.normalize("NFC", name))
-    return [(0, int(p), p) if p.isdigit() else (1, p.casefold(), p) for p in parts if p != ""]
+    return [(0, int(p), p) if p.isdecimal() else (1, p.casefold(), p) for p in parts if p != ""]
 
 
 def collision_key(name: str) -> str:

@@ -53,17 +53,15 @@ def resolve_precision(cfg: RunConfig) -> str:
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where bf16 autocast
     trains faster instead of slower. Measured on the 2-core CPU (AVX-512 BF16): the model's
-    step alone (forward, backward, AdamW on a batch of 32) 1.2–1.5× faster for EfficientNet-Lite0
-    and Lite1, inference about 2×; the whole pipeline (`imgclf bench train`, the held-in
-    recipe, images decoded and augmented) 15–17 → 17–20 images/s. The same accuracy on the
-    held-in clip art (docs/PERFORMANCE.md). On other CPUs bf16 is emulated and slower.
+    step alone 1.3× faster for EfficientNet-Lite0 and Lite1, inference 1.8–1.9×
+    (`benchmarks/memory_format.py --compare precision`); the whole pipeline (`imgclf bench
+    train`, the held-in recipe, images decoded and augmented) 15–17 → 17–20 images/s. The
+    same accuracy on the held-in clip art (docs/PERFORMANCE.md). On other CPUs bf16 is
+    emulated and slower.
     `imgclf fit` uses it; a run chooses it with `train.precision=bf16-mixed`."""
-    cpu = getattr(torch, "cpu", None)
+    # private probes: a torch without one of them answers False for it
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    try:
-        return any(getattr(cpu, name, lambda: False)() for name in probes)
-    except RuntimeError:  # a torch built without the CPU capability probes
-        return False
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def default_channels_last(device_type: str) -> bool:

@@ -58,11 +58,12 @@ def test_durations_parse_and_a_useless_one_is_refused():
 def test_small_images_shrink_the_backbones_input_and_add_a_scratch_cnn():
     keys = [c.key for c in fit_plan.choose_candidates(profile(32), "good")]
     assert keys == ["efficientnet_lite0@64", "efficientnet_lite1@64", "scratch_small@32"]
-    # photo-sized: every backbone at its own resolution, no scratch CNN; Lite2 only on a GPU
+    # photo-sized: every backbone at its own resolution, no scratch CNN; on a CPU, Lite0 and
+    # Lite2 (fine-tuned with early stages frozen), on a GPU all three
     keys = [c.key for c in fit_plan.choose_candidates(profile(375), "good")]
-    assert keys == ["efficientnet_lite0@224", "efficientnet_lite1@240"]
+    assert keys == ["efficientnet_lite0@224", "efficientnet_lite2@260"]
     keys = [c.key for c in fit_plan.choose_candidates(profile(375), "good", gpu=True)]
-    assert keys[-1] == "efficientnet_lite2@260"
+    assert keys == ["efficientnet_lite0@224", "efficientnet_lite1@240", "efficientnet_lite2@260"]
     # mostly grayscale photos: a scratch CNN is a candidate too
     assert fit_plan.choose_candidates(profile(300, gray=0.9), "fast")[-1].scratch
     assert [c.key for c in fit_plan.choose_candidates(profile(300), "fast")] == [
@@ -290,6 +291,25 @@ def test_a_cheaper_model_within_one_standard_error_of_the_best_is_kept(tmp_path)
         ("scratch", rec(one_off, 0.95)),
     ]
     assert choose_single(ranked, {"lite1": 1.55, "lite0": 1.0, "scratch": 0.02})[0] == "scratch"
+    # two fine-tuned backbones: a tie on accuracy that the log loss breaks keeps the best
+    unsure = [[0.6, 0.4], [0.4, 0.6]] * 10
+    unsure[3] = [0.9, 0.1]  # and wrong on one image: z = 1 on accuracy
+    unsure_run = _run(tmp_path / "unsure", truth, unsure)
+    assert paired_z(best, unsure_run) == 1.0
+
+    def tuned(run: Path, acc: float) -> dict:
+        return {**rec(run, acc), "role": "finetune"}
+
+    ranked = [("lite2", tuned(best, 1.0)), ("lite0", tuned(unsure_run, 0.95))]
+    key, _, why = choose_single(ranked, {"lite2": 3.0, "lite0": 1.0})
+    assert key == "lite2" and "log loss is higher" in why
+    # not across recipes: a scratch CNN's loss is not weighed, nor a probe's (a screen run)
+    assert choose_single(ranked, {"lite2": 3.0, "lite0": 1.0}, frozenset({"lite0"}))[0] == "lite0"
+    ranked[1] = ("lite0", {**tuned(unsure_run, 0.95), "role": "screen"})
+    assert choose_single(ranked, {"lite2": 3.0, "lite0": 1.0})[0] == "lite0"
+    # a loss lower by less than a standard error: the cheaper one, as before
+    ranked = [("lite2", tuned(best, 1.0)), ("lite0", tuned(one_off, 0.95))]
+    assert choose_single(ranked, {"lite2": 3.0, "lite0": 1.0})[0] == "lite0"
 
 
 def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
@@ -356,6 +376,49 @@ def test_runs_train_in_bf16_where_the_cpu_has_it_natively(tmp_path):
             c, "screen", [{"epochs": 1}], features=False
         ).train.precision
     assert precision == {"bf16": "bf16-mixed", "no bf16": "auto", "older record": "auto"}
+
+
+def test_a_cpu_fine_tune_freezes_the_early_stages_of_photo_like_images_only(tmp_path):
+    from dataclasses import asdict
+
+    from imgclf.config import ModelConfig
+    from imgclf.models import build_model
+    from imgclf.models.freeze import trainable_blocks
+    from imgclf.workflows.fit import _candidate
+
+    assert fit_plan.freeze_early(profile(375), gpu=False)[0]
+    assert not fit_plan.freeze_early(profile(375), gpu=True)[0]
+    assert not fit_plan.freeze_early(profile(32), gpu=False)[0]  # small: trained whole
+    assert not fit_plan.freeze_early(profile(300, gray=0.9), gpu=False)[0]
+    # the block it names is a block of every packaged backbone, with blocks before it
+    for name in fit_plan.PACKAGED:
+        model, _ = build_model(ModelConfig(name=name, pretrained="none"), 3, 64)
+        names = [n for n, _ in trainable_blocks(model)]
+        assert names.index(fit_plan.FROZEN_BEFORE) >= 3, names
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    record = {"profile": asdict(profile(375)), "candidates": [], "decisions": []}
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    lite = _candidate(
+        {"key": "l2", "model": "efficientnet_lite2", "pretrained": "packaged", "image_size": 260}
+        | {"why": ""}
+    )
+    other = _candidate(
+        {"key": "r", "model": "resnet18", "pretrained": "file:/w.pt", "image_size": 224}
+        | {"why": ""}
+    )
+    trainable = {}
+    # a fit.json from before the choice has no "freeze_early": every layer, as it was
+    for name, settings in (("freeze", {"freeze_early": True}), ("whole", {"freeze_early": False})):
+        record["settings"] = settings
+        trainable[name] = (fitter._trainable(lite), fitter._trainable(other))
+    record["settings"] = {}
+    trainable["older record"] = (fitter._trainable(lite), fitter._trainable(other))
+    assert trainable == {
+        "freeze": ({"from_layer": "blocks.3"}, "all"),  # an unknown architecture trains whole
+        "whole": ("all", "all"),
+        "older record": ("all", "all"),
+    }
 
 
 # ------------------------------------------------------------------------------ whole fits
@@ -478,6 +541,16 @@ def test_a_pretrained_backbone_wins_on_photo_like_images(tmp_path):
     assert any(
         d.startswith("screening (val accuracy): efficientnet_lite0") for d in record["decisions"]
     )
+    # 80 px colour images on a CPU: Lite0's fine-tune (and its LR range test) left the early
+    # stages frozen, as the decision says
+    assert record["settings"]["freeze_early"] == (record["machine"]["device"] == "cpu")
+    assert any(d.startswith("fine-tuning: the packaged") for d in record["decisions"])
+    finetunes = [r for r in (tmp_path / "runs").iterdir() if "-finetune" in r.name]
+    assert finetunes, record["decisions"]
+    for run in finetunes:
+        stage = yaml.safe_load((run / "config.yaml").read_text())["train"]["stages"][0]
+        if "efficientnet" in run.name:
+            assert stage["trainable"] == {"from_layer": "blocks.3"}, run
 
 
 def test_a_killed_fit_resumes_where_it_stopped(tmp_path):

@@ -45,11 +45,10 @@ from imgclf.data.batch_aug import compare_sheet
 from imgclf.data.batches import build_loaders
 from imgclf.data.example import cache_dir
 from imgclf.data.prepare import prepare
-from imgclf.models import build_model, set_train_mode
+from imgclf.models import build_model, default_channels_last, set_train_mode
 from imgclf.train.loop import EpochState, train_one_epoch
 from imgclf.train.step import (
     assemble,
-    default_channels_last,
     prepare_model,
     seed_everything,
     setup_stage,

@@ -129,6 +129,7 @@ def test_saved_ensemble_round_trip(runs, tmp_path):
     targets = torch.tensor([loaded.labels.index(e.label) for e in val])
     acc = (preds.probs.argmax(1) == targets).float().mean().item()
     assert summary["val"]["val_accuracy"] == pytest.approx(acc)
+    assert summary["test"]["test_accuracy"] >= 0  # scored on val and test by default
     with pytest.raises(ImgclfError, match="already exists"):
         save_ensemble(copies, "pair", runs_dir=tmp_path / "runs")
     shutil.rmtree(copies[1])
@@ -150,7 +151,10 @@ def test_a_fit_exports_an_ensemble_of_differently_sized_members_one_graph_each(r
     copies = [tmp_path / "runs" / r.name for r in runs]
     for r, c in zip(runs, copies, strict=True):
         shutil.copytree(r, c)
-    folder = save_ensemble(copies, "mixed", runs_dir=tmp_path / "runs")
+    # as `imgclf fit` saves it: scored on val only (the fit predicts test once, at the end)
+    folder = save_ensemble(copies, "mixed", runs_dir=tmp_path / "runs", splits=("val",))
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["val"]["val_accuracy"] >= 0 and summary["test"] == {}
     record = export_model_or_members(folder, tmp_path / "export", log=lambda *_: None)
     assert [m["folder"] for m in record["members"]] == [c.name for c in copies]
     assert all(m["parity"] <= 1e-4 for m in record["members"])

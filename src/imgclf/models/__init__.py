@@ -2,7 +2,7 @@
 
 from imgclf.models.freeze import apply_trainable, param_groups, set_train_mode, trainable_blocks
 from imgclf.models.heads import POOL_KINDS, Head
-from imgclf.models.model import ImgclfModel, Preprocessing
+from imgclf.models.model import ImgclfModel, Preprocessing, default_channels_last
 from imgclf.models.pretrained import (
     PACKAGED_ALIASES,
     packaged_preprocessing,
@@ -25,6 +25,7 @@ __all__ = [
     "apply_trainable",
     "build_model",
     "count_parameters",
+    "default_channels_last",
     "list_models",
     "model_from_spec",
     "model_size_mb",

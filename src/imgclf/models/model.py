@@ -22,6 +22,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def default_channels_last(device_type: str) -> bool:
+    """The memory format a model runs in unless a run says otherwise (`train.channels_last`):
+    channels_last on CUDA and on the CPU alike, for training and prediction.
+
+    CUDA's convolutions prefer it (tensor cores); so do oneDNN's on the CPU: measured on the
+    2-core CPU (`benchmarks/memory_format.py`), training is 1.5–1.9× faster (EfficientNet-Lite0
+    at 224 px 10.6 → 19.4 images/s, Lite1 at 240 px 4.7 → 8.9, the scratch CNN at 32 px
+    1,436 → 2,211) and inference 1.2–2.3× (batches of 1 to 32 alike). Other devices (mps)
+    keep the contiguous layout."""
+    return device_type in ("cuda", "cpu")
+
+
 class ImgclfModel(nn.Module):
     """A backbone that returns a N×C×H×W feature map, and a head that turns it into logits."""
 

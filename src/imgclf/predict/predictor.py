@@ -28,7 +28,7 @@ from imgclf.data.loaders import PathsDataset, make_loader
 from imgclf.data.transforms import eval_transform, multicrop_transform
 from imgclf.errors import ImgclfError
 from imgclf.files import unusable_name
-from imgclf.models import Preprocessing, model_from_spec
+from imgclf.models import Preprocessing, default_channels_last, model_from_spec
 from imgclf.predict.loading import loader_for, register_loader
 from imgclf.runs.checkpoint import load_state_strict, load_weights
 from imgclf.runs.layout import (
@@ -64,6 +64,12 @@ class Predictor:
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         self.model = model.to(device).eval()
+        # The layout training runs in is faster to predict in too (2-core CPU, Lite0 at 224 px,
+        # fp32: 1.25-1.8x the images/s at batches of 1, 8 and 32); the values are the same up
+        # to summation order, so the ONNX parity check holds.
+        self.channels_last = default_channels_last(torch.device(device).type)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.preprocessing = preprocessing
         self.labels = labels
         self.device = device
@@ -102,6 +108,8 @@ class Predictor:
         return probs
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return F.softmax(self.model(x).float(), dim=1).cpu()
 
     def predict_images(self, images: Sequence, tta: str | None = None) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from imgclf.config import RunConfig, StageConfig
-from imgclf.models import apply_trainable, param_groups
+from imgclf.models import apply_trainable, default_channels_last, param_groups
 from imgclf.train.distributed import SINGLE, World, make_fabric
 from imgclf.train.optim import Schedule, build_optimizer, describe_groups
 
@@ -62,16 +62,6 @@ def cpu_has_bf16() -> bool:
     # private probes: a torch without one of them answers False for it
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def default_channels_last(device_type: str) -> bool:
-    """channels_last unless a run says otherwise: on CUDA and on the CPU alike.
-
-    CUDA's convolutions prefer it (tensor cores); so do oneDNN's on the CPU: measured on the
-    2-core CPU (`benchmarks/memory_format.py`), training is 1.5–1.9× faster (EfficientNet-Lite0
-    at 224 px 10.6 → 19.4 images/s, Lite1 at 240 px 4.7 → 8.9, the scratch CNN at 32 px
-    1,436 → 2,211) and inference 1.2–2.3×. Other devices (mps) keep the contiguous layout."""
-    return device_type in ("cuda", "cpu")
 
 
 def use_channels_last(cfg: RunConfig, device_type: str) -> bool:

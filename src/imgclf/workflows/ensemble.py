@@ -40,8 +40,10 @@ def save_ensemble(
     runs_dir: str | Path = "runs",
     batch_size: int = 64,
     workers: int = 0,
+    splits: Sequence[str] = ("val", "test"),
 ) -> Path:
-    """Check the members, score them together on their shared split, write `runs_dir/<name>/`."""
+    """Check the members, score them together on their shared split (the `splits` of it), write
+    `runs_dir/<name>/`."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ImgclfError(f"--name {name!r}: use letters, digits, '_', '-' and '.' only")
     runs = [Path(r) for r in runs]
@@ -51,7 +53,7 @@ def save_ensemble(
     ens = Ensemble.from_runs(runs, weights, vote)
     folder = Path(runs_dir) / name
     data = shared_data_json(runs)
-    metrics = split_metrics(ens, data, runs[0], batch_size, workers) if data else {}
+    metrics = split_metrics(ens, data, runs[0], batch_size, workers, splits) if data else {}
     create_folder(folder)
     base = folder.parent.resolve()
     members = [os.path.relpath(r.resolve(), base) for r in runs]
@@ -128,10 +130,15 @@ def shared_data_json(runs: Sequence[Path]) -> dict | None:
 
 
 def split_metrics(
-    predictor, data: dict, run: Path, batch_size: int = 64, workers: int = 0
+    predictor,
+    data: dict,
+    run: Path,
+    batch_size: int = 64,
+    workers: int = 0,
+    splits: Sequence[str] = ("val", "test"),
 ) -> dict[str, dict]:
-    """Loss and accuracy of `predictor` on the val and test splits of data.json's manifest
-    ({} when the manifest is gone: the folder is still written, without metrics)."""
+    """Loss and accuracy of `predictor` on the `splits` of data.json's manifest ({} when the
+    manifest is gone: the folder is still written, without metrics)."""
     from imgclf.data.manifest import read_manifest
     from imgclf.train.loop import classification_metrics
 
@@ -141,7 +148,7 @@ def split_metrics(
         return {}
     manifest = read_manifest(where)
     out = {}
-    for split in ("val", "test"):
+    for split in splits:
         entries = manifest.split_entries(split)
         if not entries:
             continue

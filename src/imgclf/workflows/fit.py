@@ -666,11 +666,14 @@ class _Fitter:
             if kept:
                 from imgclf.workflows.ensemble import save_ensemble
 
+                # scored on val only: the fit predicts the test split once, at the end, with
+                # the chosen model (and its TTA); a test pass here would be that work twice
                 folder = save_ensemble(
                     members,
                     f"{self.fit_id}-ensemble",
                     runs_dir=self.opts.runs_dir,
                     batch_size=self.record["settings"]["batch_size"],
+                    splits=("val",),
                 )
                 _tag(folder, {"fit": self.fit_id, "role": "ensemble"})
                 chosen = {
@@ -1191,8 +1194,7 @@ def _speed(c: Candidate, machine: dict[str, Any], *, train: bool) -> float:
     import torch
 
     from imgclf.config import ModelConfig
-    from imgclf.models import build_model
-    from imgclf.train.step import default_channels_last
+    from imgclf.models import build_model, default_channels_last
 
     model, _ = build_model(ModelConfig(name=c.model, pretrained="none"), 10, c.image_size)
     model = model.to(device)

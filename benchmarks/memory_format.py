@@ -2,7 +2,7 @@
 fp32, model by model, in one run.
 
     .venv/bin/python benchmarks/memory_format.py [--models efficientnet_lite0@224,...]
-        [--batch 32] [--steps 6] [--rounds 3] [--eval] [--compare format|precision]
+        [--batch 32] [--steps 6] [--rounds 3] [--eval | --eval-only] [--compare format|precision]
 
 `train.channels_last` decides the memory format of a run's model and batches (`train/step.py`:
 `use_channels_last`). This measures what that choice costs on the machine it runs on: each
@@ -10,7 +10,8 @@ model is built once per format, trained a few warm-up steps, then timed over `--
 forward, backward and AdamW on random batches (the same batches for both formats), alternating
 the formats round by round. It prints the median images/s of each and the ratio
 channels_last / contiguous (above 1: channels_last is faster). With `--eval` it also times
-inference (`torch.inference_mode`, as evaluation and feature caching run).
+inference (`torch.inference_mode`, as evaluation and feature caching run); `--eval-only` times
+inference alone (what the predictor's layout costs at serving's batch sizes: `--batch 1`).
 
 `--compare precision` times fp32 against bf16 autocast instead, both in channels_last: what
 `imgclf fit` gains by training in bf16 on a CPU that computes it natively (`train/step.py`:
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eval", action="store_true", help="also time inference")
+    ap.add_argument("--eval-only", action="store_true", help="time inference alone")
     ap.add_argument(
         "--compare",
         choices=("format", "precision"),
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for _ in range(n)
         ]
-        kinds = [("train", train_rate)] + ([("eval", eval_rate)] if args.eval else [])
+        kinds = [] if args.eval_only else [("train", train_rate)]
+        kinds += [("eval", eval_rate)] if args.eval or args.eval_only else []
         for kind, measure in kinds:
             rates: dict[tuple, list[float]] = {arm: [] for arm in arms}
             models = {arm: build(name, size, 10, arm[0]) for arm in arms}

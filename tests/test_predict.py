@@ -192,6 +192,22 @@ def test_load_predictor_opens_a_single_run(run):
     assert isinstance(p, Predictor) and p.labels == ["a", "b", "c"]
 
 
+def test_the_predictor_runs_in_channels_last_with_the_contiguous_layouts_probabilities(run):
+    """The layout training uses is faster to predict in on the CPU too; the probabilities are
+    the contiguous model's up to summation order."""
+    import torch
+
+    p = Predictor.from_run(run)
+    assert p.channels_last
+    convs = [m.weight for m in p.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x = torch.rand(3, 3, 32, 32)
+    got = p.predict_tensor(x)
+    p.channels_last = False
+    p.model = p.model.to(memory_format=torch.contiguous_format)
+    assert torch.allclose(got, p.predict_tensor(x), atol=1e-5)
+
+
 def test_predict_equals_evaluate_on_the_same_folder(run, tmp_path):
     from imgclf.evaluate.evaluate import evaluate_run
 

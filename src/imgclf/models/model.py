@@ -29,7 +29,7 @@ def default_channels_last(device_type: str) -> bool:
     CUDA's convolutions prefer it (tensor cores); so do oneDNN's on the CPU: measured on the
     2-core CPU (`benchmarks/memory_format.py`), training is 1.5–1.9× faster (EfficientNet-Lite0
     at 224 px 10.6 → 19.4 images/s, Lite1 at 240 px 4.7 → 8.9, the scratch CNN at 32 px
-    1,436 → 2,211) and inference 1.2–2.3× (batches of 1 to 32 alike). Other devices (mps)
+    1,436 → 2,211) and inference 1.0–2.3× (batches of 1 to 32). Other devices (mps)
     keep the contiguous layout."""
     return device_type in ("cuda", "cpu")
 

@@ -64,9 +64,9 @@ class Predictor:
         min_side: int = DEFAULT_MIN_SIDE,
     ) -> None:
         self.model = model.to(device).eval()
-        # The layout training runs in is faster to predict in too (2-core CPU, Lite0 at 224 px,
-        # fp32: 1.25-1.8x the images/s at batches of 1, 8 and 32); the values are the same up
-        # to summation order, so the ONNX parity check holds.
+        # The layout training runs in is faster to predict in too (2-core CPU, fp32, Lite0 at
+        # 224 px: 1.4-2.1x the images/s at batches of 1, 8 and 32; Lite2 at 260 px: 1.0-1.8x);
+        # the values are the same up to summation order, so the ONNX parity check holds.
         self.channels_last = default_channels_last(torch.device(device).type)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -208,6 +208,35 @@ def test_early_stopping_ends_a_stage_and_the_next_one_runs(data, tmp_path):
     )
     run = train(cfg, progress=False, log=lambda *_: None)
     assert [r["stage"] for r in metrics_without_time(run)] == ["0", "0", "1"]
+    # The epochs of a warm-up are not judged: with two of them, the third sets the reference
+    # and the fourth is the bad epoch that patience 1 stops after.
+    warm = stages.replace("bn: eval}", "bn: eval, warmup_epochs: 2}")
+    cfg = cfg_for(
+        data,
+        tmp_path / "warm",
+        warm,
+        "train.early_stopping={metric: val_loss, patience: 1, min_delta: 0.001}",
+    )
+    run = train(cfg, progress=False, log=lambda *_: None)
+    assert [r["stage"] for r in metrics_without_time(run)] == ["0", "0", "0", "0", "1"]
+
+
+def test_the_epochs_of_a_warm_up_are_not_counted_by_early_stopping():
+    from imgclf.train.fit import count_patience
+
+    # a warm-started fine-tune (held-in clip art): the warm-up epoch keeps the head's val loss,
+    # the first epochs at the full lr exceed it before they beat it
+    losses = [0.903, 1.03, 0.96, 0.91, 0.92]
+    judged, exempt = {}, {}
+    for epoch, loss in enumerate(losses, 1):
+        count_patience(judged, loss, "min")
+        count_patience(exempt, loss, "min", warming_up=epoch <= 1.0)
+    assert judged == {"best": 0.903, "bad": 4}  # patience 4 would stop here
+    assert exempt == {"best": 0.91, "bad": 1}
+    higher = {}
+    for value in (0.5, 0.7, 0.6):
+        count_patience(higher, value, "max", min_delta=0.05)
+    assert higher == {"best": 0.7, "bad": 1}
 
 
 def test_accumulation_clipping_and_mixing_train(data, tmp_path):

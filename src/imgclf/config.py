@@ -269,7 +269,8 @@ class EarlyStopping(_Strict):
     metric: EpochMetric = "val_loss"
     patience: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         "auto",
-        description="epochs without improvement before a stage ends; None: never stop early; "
+        description="epochs without improvement before a stage ends (a stage's warm-up epochs "
+        "are not judged); None: never stop early; "
         "auto: 3 for stages with epochs: auto, never for stages with a fixed number of epochs",
     )
     min_delta: float = Field(0.0, ge=0)

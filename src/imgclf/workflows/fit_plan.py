@@ -79,6 +79,12 @@ class DataProfile:
     def small(self) -> bool:
         return self.median_side <= SMALL_SIDE
 
+    @property
+    def photo_like(self) -> bool:
+        """Neither small nor mostly grayscale: like the photos ImageNet backbones saw (the
+        rule behind the scratch candidate, the augmentation and the frozen early stages)."""
+        return not (self.small or self.grayscale >= 0.5)
+
 
 def profile_manifest(manifest) -> DataProfile:
     """The profile of a split manifest (train split for sizes and counts)."""
@@ -190,8 +196,8 @@ def choose_candidates(
         # full fine-tuning speed, and it transfers better than Lite1 (held-in clip art, three
         # Lite2 fine-tunes: test 0.816-0.828; Lite0: 0.787-0.807). Small or grayscale images
         # train every layer and shrink every backbone to the same input: the cheaper two.
-        frozen = freeze_early(profile, gpu)[0]
-        backbones = ("efficientnet_lite0", "efficientnet_lite2") if frozen else backbones[:2]
+        photo = profile.photo_like
+        backbones = ("efficientnet_lite0", "efficientnet_lite2") if photo else backbones[:2]
     for name in backbones:
         size = input_size(PACKAGED[name], profile)
         why = "packaged ImageNet weights" + (
@@ -200,7 +206,7 @@ def choose_candidates(
             else f", at its own {size} px"
         )
         out.append(Candidate(f"{name}@{size}", name, "packaged", size, why))
-    if profile.small or profile.grayscale >= 0.5:
+    if not profile.photo_like:
         reason = (
             f"small images (median side {profile.median_side} px)"
             if profile.small
@@ -226,7 +232,7 @@ def freeze_early(profile: DataProfile, gpu: bool) -> tuple[bool, str]:
     has the time to train every layer."""
     if gpu:
         return False, "every layer trains (a GPU has the time)"
-    if profile.small or profile.grayscale >= 0.5:
+    if not profile.photo_like:
         return False, "every layer trains: small or grayscale images are unlike ImageNet's photos"
     return True, (
         f"the packaged backbones' stem and first three stages stay frozen (training starts at "
@@ -247,7 +253,7 @@ def _unique(candidates: list[Candidate]) -> list[Candidate]:
 
 def augmentation(profile: DataProfile) -> tuple[dict[str, Any], str]:
     """The `train.augment` block and the reason for it."""
-    if profile.small or profile.grayscale >= 0.5:
+    if not profile.photo_like:
         augment, why = (
             {
                 "preset": "light",

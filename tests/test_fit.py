@@ -338,8 +338,15 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
         for k, m, z in (("l1", "efficientnet_lite1", 224), ("l0", "efficientnet_lite0", 224))
     ]
     record.update(candidates=lite, survivors=["l1", "l0"], decisions=[])
-    fitter._survivors_that_fit(fast / 1.5)  # room for 2.5 / 1.5 = 1.67 Lite1s; needs 1.65
+    # a Lite1 epoch 35 s: 8 of them and a run's set-up, then Lite0's LR range test (an epoch)
+    # and 8 epochs at 1/1.55 of the time, and two runs' set-up: 289 + 220 s of the 540 s
+    fitter._survivors_that_fit(fast / 1.3)
     assert record["survivors"] == ["l1", "l0"] and not record["decisions"]
+    # a Lite1 epoch 41 s: 332 + 251 s, over the 540 s (without the second's LR range test and
+    # set-up it would fit: 324 + 209 s)
+    fitter._survivors_that_fit(fast / 1.5)
+    assert record["survivors"] == ["l1"] and "fine-tuning 1 of 2" in record["decisions"][0]
+    record.update(survivors=["l1", "l0"], decisions=[])
     # the first's share of the time left follows its cost (about the same epochs each); the
     # last one takes whatever is left
     first, last = fitter._share(["l1", "l0"], 0), fitter._share(["l1", "l0"], 1)
@@ -349,6 +356,47 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     record["candidates"].append(scratch)
     assert fitter._costs(["l1", "l0"]) == pytest.approx([1.55, 1.0])
     assert fitter._costs(["l0", "s"]) == [1.0, 1.0]
+
+
+def test_packaged_backbones_close_on_their_probes_fine_tune_in_order_of_imagenet_accuracy(
+    tmp_path,
+):
+    """A linear probe ranks the EfficientNet-Lites below their fine-tuned accuracy: when the
+    probes are within two paired standard errors, the more ImageNet-accurate backbone is
+    fine-tuned first (and kept when the time holds only one)."""
+    from imgclf.workflows.fit import _behind_best_packaged
+
+    order = fit_plan.finetune_order
+    lite0, lite2 = "efficientnet_lite0", "efficientnet_lite2"
+    assert order([("l0", lite0, 0.0), ("l2", lite2, 1.4)])[0] == ["l2", "l0"]
+    assert "l2's probe is within 2" in order([("l0", lite0, 0.0), ("l2", lite2, 1.4)])[1]
+    # clearly behind (z >= 2), or not measurable: the probe's order stays, and nothing is said
+    assert order([("l0", lite0, 0.0), ("l2", lite2, 2.5)]) == (["l0", "l2"], None)
+    assert order([("l0", lite0, 0.0), ("l2", lite2, None)]) == (["l0", "l2"], None)
+    # already in that order
+    assert order([("l2", lite2, 0.0), ("l0", lite0, 0.3)]) == (["l2", "l0"], None)
+    # a scratch CNN or file: weights ("" model) keep their places; the backbones swap around them
+    ranked = [("s", "", None), ("l0", lite0, 0.0), ("f", "", None), ("l2", lite2, 0.5)]
+    assert order(ranked)[0] == ["s", "l2", "f", "l0"]
+    # from screening records: z from the runs' val predictions against the first packaged one
+    truth = ["a", "b"] * 10
+    right = [[0.9, 0.1], [0.1, 0.9]] * 10
+    wrong = [p[::-1] if i in (1, 4, 7, 9) else p for i, p in enumerate(right)]
+    ahead, behind = _run(tmp_path / "ahead", truth, right), _run(tmp_path / "behind", truth, wrong)
+
+    def screened(key: str, model: str, run: Path, pretrained: str = "packaged") -> dict:
+        return {"key": key, "model": model, "pretrained": pretrained, "screen": {"run": str(run)}}
+
+    rows = _behind_best_packaged(
+        [
+            screened("s", "scratch_small", behind, "none"),
+            screened("l0", lite0, ahead),
+            screened("l2", lite2, behind),  # 4 images behind: z = 2
+            screened("f", lite2, behind, "file:w.safetensors"),
+        ]
+    )
+    assert rows == [("s", "", None), ("l0", lite0, 0.0), ("l2", lite2, 2.0), ("f", "", None)]
+    assert order(rows)[0] == ["s", "l0", "l2", "f"]
 
 
 def test_runs_train_in_bf16_where_the_cpu_has_it_natively(tmp_path):

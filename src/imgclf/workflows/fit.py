@@ -360,13 +360,15 @@ class _Fitter:
         if not ranked:
             raise ImgclfError("no candidate finished screening within the budget: give more --time")
         keep = fit_plan.QUALITIES[self.opts.quality].survivors
-        survivors = [c["key"] for c in ranked[:keep]]
+        survivors, why = fit_plan.finetune_order(_behind_best_packaged(ranked[:keep]))
         self.record["survivors"] = survivors
         self.decide(
             "screening (val accuracy): "
             + ", ".join(f"{c['key']} {_score(c['screen']):.4f}" for c in ranked)
             + f"; fine-tuning {', '.join(survivors)}"
         )
+        if why:
+            self.decide(why)
 
     def _survivors_that_fit(self, rate: float) -> None:
         """Fewer survivors when the fine-tuning time would give each fewer than
@@ -384,8 +386,14 @@ class _Fitter:
         epoch = prof.train / rate + prof.val / (3 * rate)
         time_left = self.left() - self._reserve()
         fits, needed, costs = 0, 0.0, self._costs(keys)
-        for cost in costs:
-            needed += MIN_FINETUNE_EPOCHS * epoch * cost / costs[0]
+        for i, cost in enumerate(costs):
+            # Each after the first also runs its own LR range test first (about an epoch of
+            # images: 30 batches of 32 for ~1,000 training images) and sets up two runs: a
+            # survivor kept without them is planned 8 epochs and trains 6 (held-in clip art,
+            # the Lite0 after a Lite2 on a slow host: val 0.743, under its probe's 0.720 + 2).
+            later = i > 0
+            needed += (MIN_FINETUNE_EPOCHS + later) * epoch * cost / costs[0]
+            needed += RUN_OVERHEAD * (1 + later)
             if needed > time_left:
                 break
             fits += 1
@@ -796,7 +804,9 @@ class _Fitter:
         images = 2 * prof.val * (1 + survivors) + prof.test * (1 + survivors)
         # an ensemble of members at different sizes exports each one (about 4 s apiece here)
         members = min(3, len(self.record["candidates"]))
-        return RUN_OVERHEAD * (2 + (members - 1) / 2) + 1.3 * images / min(rates)
+        # The screening pass's rate is slower than the predictor's (channels_last; held-in
+        # clip art: a reserve of 268 s where the phases it covers took 81-165 s): no margin.
+        return RUN_OVERHEAD * (2 + (members - 1) / 2) + images / min(rates)
 
     def _config(
         self,
@@ -936,6 +946,23 @@ def _finetune_stage(c: Candidate, epochs: int, lr: float, trainable: str | dict)
         "warmup_epochs": 1.0 if epochs >= 4 else 0.5,
         "bn": "eval",
     }
+
+
+def _behind_best_packaged(ranked: list[dict]) -> list[tuple[str, str, float | None]]:
+    """(key, model, z) of screened candidates in their order for `fit_plan.finetune_order`:
+    model is "" unless the weights are packaged (`file:` weights have no known ImageNet
+    accuracy), z the paired standard errors by which the first packaged one's probe is ahead
+    on val (`paired_z`; 0 for itself, None where it cannot be measured)."""
+    packaged = [c for c in ranked if c["pretrained"] == "packaged"]
+    lead = Path(packaged[0]["screen"]["run"]) if packaged else None
+    out = []
+    for c in ranked:
+        if c["pretrained"] != "packaged" or lead is None:
+            out.append((c["key"], "", None))
+            continue
+        run = Path(c["screen"]["run"])
+        out.append((c["key"], c["model"], 0.0 if run == lead else paired_z(lead, run)))
+    return out
 
 
 def _candidate(record: dict) -> Candidate:

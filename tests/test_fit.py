@@ -358,45 +358,20 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     assert fitter._costs(["l0", "s"]) == [1.0, 1.0]
 
 
-def test_packaged_backbones_close_on_their_probes_fine_tune_in_order_of_imagenet_accuracy(
-    tmp_path,
-):
-    """A linear probe ranks the EfficientNet-Lites below their fine-tuned accuracy: when the
-    probes are within two paired standard errors, the more ImageNet-accurate backbone is
-    fine-tuned first (and kept when the time holds only one)."""
-    from imgclf.workflows.fit import _behind_best_packaged
+def test_a_further_round_replaces_the_run_only_when_neither_val_measure_is_worse():
+    from imgclf.workflows.fit import _better_round
 
-    order = fit_plan.finetune_order
-    lite0, lite2 = "efficientnet_lite0", "efficientnet_lite2"
-    assert order([("l0", lite0, 0.0), ("l2", lite2, 1.4)])[0] == ["l2", "l0"]
-    assert "l2's probe is within 2" in order([("l0", lite0, 0.0), ("l2", lite2, 1.4)])[1]
-    # clearly behind (z >= 2), or not measurable: the probe's order stays, and nothing is said
-    assert order([("l0", lite0, 0.0), ("l2", lite2, 2.5)]) == (["l0", "l2"], None)
-    assert order([("l0", lite0, 0.0), ("l2", lite2, None)]) == (["l0", "l2"], None)
-    # already in that order
-    assert order([("l2", lite2, 0.0), ("l0", lite0, 0.3)]) == (["l2", "l0"], None)
-    # a scratch CNN or file: weights ("" model) keep their places; the backbones swap around them
-    ranked = [("s", "", None), ("l0", lite0, 0.0), ("f", "", None), ("l2", lite2, 0.5)]
-    assert order(ranked)[0] == ["s", "l2", "f", "l0"]
-    # from screening records: z from the runs' val predictions against the first packaged one
-    truth = ["a", "b"] * 10
-    right = [[0.9, 0.1], [0.1, 0.9]] * 10
-    wrong = [p[::-1] if i in (1, 4, 7, 9) else p for i, p in enumerate(right)]
-    ahead, behind = _run(tmp_path / "ahead", truth, right), _run(tmp_path / "behind", truth, wrong)
+    def run(acc: float | None, loss: float | None, status: str = "completed") -> dict:
+        return {"status": status, "val_accuracy": acc, "val_loss": loss}
 
-    def screened(key: str, model: str, run: Path, pretrained: str = "packaged") -> dict:
-        return {"key": key, "model": model, "pretrained": pretrained, "screen": {"run": str(run)}}
-
-    rows = _behind_best_packaged(
-        [
-            screened("s", "scratch_small", behind, "none"),
-            screened("l0", lite0, ahead),
-            screened("l2", lite2, behind),  # 4 images behind: z = 2
-            screened("f", lite2, behind, "file:w.safetensors"),
-        ]
-    )
-    assert rows == [("s", "", None), ("l0", lite0, 0.0), ("l2", lite2, 2.0), ("f", "", None)]
-    assert order(rows)[0] == ["s", "l0", "l2", "f"]
+    first = run(0.9944, 0.152)
+    # digits: two more val images right, a higher val loss: the first round stays
+    assert not _better_round(run(1.0, 0.182), first)
+    assert _better_round(run(1.0, 0.150), first)
+    assert _better_round(run(0.9944, 0.140), first)  # a tie on accuracy, a lower loss
+    assert not _better_round(run(0.99, 0.100), first)  # lower accuracy
+    assert not _better_round(run(None, None, "failed"), first)
+    assert _better_round(run(1.0, None), first)  # no loss recorded: accuracy decides
 
 
 def test_runs_train_in_bf16_where_the_cpu_has_it_natively(tmp_path):

@@ -360,15 +360,13 @@ class _Fitter:
         if not ranked:
             raise ImgclfError("no candidate finished screening within the budget: give more --time")
         keep = fit_plan.QUALITIES[self.opts.quality].survivors
-        survivors, why = fit_plan.finetune_order(_behind_best_packaged(ranked[:keep]))
+        survivors = [c["key"] for c in ranked[:keep]]
         self.record["survivors"] = survivors
         self.decide(
             "screening (val accuracy): "
             + ", ".join(f"{c['key']} {_score(c['screen']):.4f}" for c in ranked)
             + f"; fine-tuning {', '.join(survivors)}"
         )
-        if why:
-            self.decide(why)
 
     def _survivors_that_fit(self, rate: float) -> None:
         """Fewer survivors when the fine-tuning time would give each fewer than
@@ -388,9 +386,9 @@ class _Fitter:
         fits, needed, costs = 0, 0.0, self._costs(keys)
         for i, cost in enumerate(costs):
             # Each after the first also runs its own LR range test first (about an epoch of
-            # images: 30 batches of 32 for ~1,000 training images) and sets up two runs: a
-            # survivor kept without them is planned 8 epochs and trains 6 (held-in clip art,
-            # the Lite0 after a Lite2 on a slow host: val 0.743, under its probe's 0.720 + 2).
+            # images: 30 batches of 32 for ~1,000 training images) and sets up two runs; kept
+            # without counting them, a survivor got 6 epochs (held-in clip art on a slow host:
+            # Lite0 after Lite2, val 0.743 against its probe's 0.720).
             later = i > 0
             needed += (MIN_FINETUNE_EPOCHS + later) * epoch * cost / costs[0]
             needed += RUN_OVERHEAD * (1 + later)
@@ -509,7 +507,7 @@ class _Fitter:
             more = self._train(cfg, role, c.key, left)
             more.update(lr=lr, planned_epochs=epochs)
             cand["rounds"].append(more)
-            if _score(more) is not None and _score(more) >= _score(last):
+            if _better_round(more, last):
                 cand["finetune"] = more
             else:
                 cand["finetune"] = {**last, "done": True}
@@ -948,23 +946,6 @@ def _finetune_stage(c: Candidate, epochs: int, lr: float, trainable: str | dict)
     }
 
 
-def _behind_best_packaged(ranked: list[dict]) -> list[tuple[str, str, float | None]]:
-    """(key, model, z) of screened candidates in their order for `fit_plan.finetune_order`:
-    model is "" unless the weights are packaged (`file:` weights have no known ImageNet
-    accuracy), z the paired standard errors by which the first packaged one's probe is ahead
-    on val (`paired_z`; 0 for itself, None where it cannot be measured)."""
-    packaged = [c for c in ranked if c["pretrained"] == "packaged"]
-    lead = Path(packaged[0]["screen"]["run"]) if packaged else None
-    out = []
-    for c in ranked:
-        if c["pretrained"] != "packaged" or lead is None:
-            out.append((c["key"], "", None))
-            continue
-        run = Path(c["screen"]["run"])
-        out.append((c["key"], c["model"], 0.0 if run == lead else paired_z(lead, run)))
-    return out
-
-
 def _candidate(record: dict) -> Candidate:
     return Candidate(**{k: record[k] for k in Candidate.__dataclass_fields__})
 
@@ -988,6 +969,17 @@ def _score(run: dict | None) -> float | None:
     if not run or run.get("status") not in ("completed", "interrupted"):
         return None
     return run.get("val_accuracy")
+
+
+def _better_round(more: dict, last: dict) -> bool:
+    """Whether a further round replaces the candidate's run: its val accuracy at least as high
+    and its val loss (what the round's early stopping judged) no higher. Accuracy alone let two
+    val images decide against the loss (digits: the scratch CNN's second round, val 1.0 against
+    0.9944 but val loss 0.182 against 0.152, scored 0.9888 on test against the first's 0.9963)."""
+    if _score(more) is None or _score(more) < (_score(last) or 0.0):
+        return False
+    loss, before = more.get("val_loss"), last.get("val_loss")
+    return loss is None or before is None or loss <= before
 
 
 def _slug(text: str) -> str:

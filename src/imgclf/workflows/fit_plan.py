@@ -217,51 +217,6 @@ def choose_candidates(
     return out
 
 
-# ImageNet top-1 accuracy of the packaged backbones (the EfficientNet-Lite reference figures).
-IMAGENET_TOP1 = {"efficientnet_lite0": 75.1, "efficientnet_lite1": 76.7, "efficientnet_lite2": 77.6}
-# A probe this many paired standard errors behind the best packaged one's is clearly worse, and
-# that backbone does not move ahead of it in the fine-tuning order.
-PROBE_Z = 2.0
-
-
-def finetune_order(ranked: list[tuple[str, str, float | None]]) -> tuple[list[str], str | None]:
-    """The order the survivors are fine-tuned in (the first ones are kept when the time holds
-    fewer): `ranked` is (key, model, z) in screening order, z how many paired standard errors the
-    survivor's probe is behind the first packaged backbone's (None: not comparable).
-
-    Packaged backbones whose probes are within `PROBE_Z` of the best packaged probe go in order
-    of ImageNet accuracy, the most accurate first, in the places they held; the rest keep their
-    places. A linear probe misranks these backbones for fine-tuning: the regularisers that
-    raise ImageNet accuracy (label smoothing, dropout, AutoAugment; the larger EfficientNets use
-    more) make the penultimate features transfer worse to a linear classifier but not to
-    fine-tuning, where transfer accuracy follows ImageNet accuracy (Kornblith, Shlens and Le,
-    "Do Better ImageNet Models Transfer Better?", 2019). Held-in clip art: Lite2's probe 0.683
-    on val against Lite0's 0.720 (z 1.4), its fine-tunes 0.809-0.828 on test against Lite0's
-    0.787-0.807. Returns the order and why it changed (None when it did not)."""
-    keys = [k for k, _, _ in ranked]
-    close = [
-        i
-        for i, (_, model, z) in enumerate(ranked)
-        if model in IMAGENET_TOP1 and z is not None and z < PROBE_Z
-    ]
-    moved = sorted(close, key=lambda i: -IMAGENET_TOP1[ranked[i][1]])
-    if moved == close:
-        return keys, None
-    order = list(keys)
-    for place, i in zip(close, moved, strict=True):
-        order[place] = keys[i]
-    first = ranked[moved[0]]
-    why = (
-        f"fine-tuning order {', '.join(order)}: {first[0]}'s probe is within {PROBE_Z:g} paired "
-        f"standard errors of the best packaged backbone's (z {first[2]:.2f}), and its higher "
-        f"ImageNet accuracy ({IMAGENET_TOP1[first[1]]:g} %) predicts a better fine-tune: a "
-        "linear probe ranks these backbones below their fine-tuned accuracy (their training's "
-        "regularisers hurt linear transfer, not fine-tuning); when the time holds fewer "
-        "survivors, the first are kept"
-    )
-    return order, why
-
-
 # The first block that trains when a fine-tune freezes the early stages of an EfficientNet-Lite.
 FROZEN_BEFORE = "blocks.3"
 

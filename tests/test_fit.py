@@ -312,6 +312,19 @@ def test_a_cheaper_model_within_one_standard_error_of_the_best_is_kept(tmp_path)
     assert choose_single(ranked, {"lite2": 3.0, "lite0": 1.0})[0] == "lite0"
 
 
+def test_a_backbone_at_its_own_size_is_priced_by_its_multiply_adds_once():
+    """Lite2 at 260 px costs what its 0.87 G multiply-adds say against Lite0's 0.39 G at 224
+    (its epochs took 1.9-2.1× Lite0's on the CPU), not that again scaled by its pixels (3.0×)."""
+
+    def cost(model: str, size: int) -> float:
+        return fit_plan.relative_cost(fit_plan.Candidate(model, model, "packaged", size, ""))
+
+    assert cost("efficientnet_lite2", 260) == pytest.approx(0.87 / 0.39, rel=0.01)
+    assert cost("efficientnet_lite1", 240) == pytest.approx(0.60 / 0.39, rel=0.01)
+    assert cost("efficientnet_lite0", 224) == 1.0
+    assert cost("efficientnet_lite0", 448) == 4.0  # pixels still count at another size
+
+
 def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     from dataclasses import asdict
 
@@ -331,31 +344,131 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     assert record["survivors"] == ["a"]
     assert "fine-tuning 1 of 2 candidates" in record["decisions"][0]
     assert json.loads((tmp_path / "fit" / "fit.json").read_text())["survivors"] == ["a"]
-    # a cheaper second survivor is priced at its own cost: Lite0 after Lite1 needs 1/1.55 of
-    # the first's epoch time, so both fit where two Lite1s would not
+    # a cheaper second survivor is priced at its own cost: Lite0 after Lite1 (both at 224 px)
+    # needs 1/1.34 of the first's epoch time, so both fit where two Lite1s would not
     lite = [
         {"key": k, "model": m, "pretrained": "packaged", "image_size": z, "why": "", "screen": None}
         for k, m, z in (("l1", "efficientnet_lite1", 224), ("l0", "efficientnet_lite0", 224))
     ]
     record.update(candidates=lite, survivors=["l1", "l0"], decisions=[])
-    # a Lite1 epoch 35 s: 8 of them and a run's set-up, then Lite0's LR range test (an epoch)
-    # and 8 epochs at 1/1.55 of the time, and two runs' set-up: 289 + 220 s of the 540 s
-    fitter._survivors_that_fit(fast / 1.3)
+    # a Lite1 epoch 34 s: 8 of them and a run's set-up, then Lite0's LR range test (an epoch)
+    # and 8 epochs at 1/1.34 of the time, and two runs' set-up: 278 + 243 s of the 540 s
+    fitter._survivors_that_fit(fast / 1.25)
     assert record["survivors"] == ["l1", "l0"] and not record["decisions"]
-    # a Lite1 epoch 41 s: 332 + 251 s, over the 540 s (without the second's LR range test and
-    # set-up it would fit: 324 + 209 s)
-    fitter._survivors_that_fit(fast / 1.5)
+    # a Lite1 epoch 37 s: 304 + 265 s, over the 540 s (without the second's LR range test and
+    # set-up it would fit: 304 + 221 s)
+    fitter._survivors_that_fit(fast / 1.37)
     assert record["survivors"] == ["l1"] and "fine-tuning 1 of 2" in record["decisions"][0]
     record.update(survivors=["l1", "l0"], decisions=[])
     # the first's share of the time left follows its cost (about the same epochs each); the
     # last one takes whatever is left
     first, last = fitter._share(["l1", "l0"], 0), fitter._share(["l1", "l0"], 1)
-    assert first / last == pytest.approx(1.55 / 2.55, rel=1e-3)
+    assert first / last == pytest.approx(1.34 / 2.34, rel=1e-3)
     # a scratch CNN's epoch is mostly overhead, not multiply-adds: priced like the backbones
     scratch = {**lite[1], "key": "s", "model": "scratch_small", "pretrained": "none"}
     record["candidates"].append(scratch)
-    assert fitter._costs(["l1", "l0"]) == pytest.approx([1.55, 1.0])
+    assert fitter._costs(["l1", "l0"]) == pytest.approx([1.34, 1.0])
     assert fitter._costs(["l0", "s"]) == [1.0, 1.0]
+
+
+def test_the_reserve_for_the_last_phases_follows_the_measured_training_speed(tmp_path):
+    """The time kept for TTA, the ensemble, the test pass and the export is priced from the
+    feature pass until an LR range test has measured the backbone's training speed; then
+    from that (a cold feature pass also decodes every image: it kept 210 s for 80 s of work)."""
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import PREDICT_PER_TRAIN, RUN_OVERHEAD, _Fitter
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    # 150 train + 30 val + 30 test images; the feature pass read 150 + 2 × 30 at 10 images/s
+    cand = {"key": "a", "pretrained": "packaged", "finetune": None}
+    cand["screen"] = {"status": "completed", "val_accuracy": 0.7, "seconds": RUN_OVERHEAD + 21}
+    record = {"profile": asdict(profile(224)), "candidates": [cand], "survivors": ["a"]}
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    # flip TTA and the ensemble on val (2 × 30 × 2), the test split (30 × 2), two runs' set-up
+    images = 2 * 30 * 2 + 30 * 2
+    assert fitter._reserve() == pytest.approx(2 * RUN_OVERHEAD + images / 10)
+    cand["train_rate"] = 15.0
+    assert fitter._reserve() == pytest.approx(2 * RUN_OVERHEAD + images / (PREDICT_PER_TRAIN * 15))
+
+
+def test_later_fine_tunes_are_planned_at_the_pace_the_earlier_ones_ran(tmp_path):
+    """An LR range test's steps run slower than an epoch's: a later survivor's epochs are
+    planned at the speed-up the earlier fine-tunes of its kind showed (clamped)."""
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import RUN_OVERHEAD, _Fitter
+    from imgclf.workflows.fit_plan import Candidate
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    planned = 150 / 30 + 30 / (3 * 30)  # an epoch at the 30 images/s its LR range test measured
+
+    def tuned(key: str, pretrained: str, ran: float | None) -> dict:
+        cand = {"key": key, "pretrained": pretrained, "screen": None, "finetune": None}
+        if ran is not None:
+            cand["train_rate"] = 30.0
+            cand["finetune"] = {"status": "completed", "val_accuracy": 0.8, "epochs": 4}
+            cand["finetune"]["seconds"] = RUN_OVERHEAD + 4 * ran
+        return cand
+
+    record = {"profile": asdict(profile(224)), "candidates": [tuned("l2", "packaged", None)]}
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    l2 = Candidate("l2", "efficientnet_lite2", "packaged", 260, "")
+    scratch = Candidate("s", "scratch_small", "none", 32, "")
+    assert fitter._pace(l2) == 1.0  # nothing measured yet
+    record["candidates"].append(tuned("l0", "packaged", planned / 1.2))
+    assert fitter._pace(l2) == pytest.approx(1.2)
+    assert fitter._pace(scratch) == 1.0  # a backbone's pace says nothing of a scratch CNN's
+    record["candidates"][1] = tuned("l0", "packaged", planned / 3)
+    assert fitter._pace(l2) == pytest.approx(1.33)  # at most a third faster
+    record["candidates"][1] = tuned("l0", "packaged", planned * 3)
+    assert fitter._pace(l2) == 0.75
+
+
+def test_only_the_last_survivor_trains_further_rounds(tmp_path, monkeypatch):
+    """What early stopping leaves of an earlier survivor's share goes to the next one, not to
+    further rounds at a third of the lr; the last survivor still uses the time left."""
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import _Fitter
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    cands = [
+        {"key": k, "model": m, "pretrained": "packaged", "image_size": z, "why": ""}
+        | {"screen": {"run": str(tmp_path / k), "val_accuracy": 0.7, "seconds": 5.0}}
+        | {"finetune": None}
+        for k, m, z in (("l0", "efficientnet_lite0", 224), ("l2", "efficientnet_lite2", 260))
+    ]
+    record = {
+        "profile": asdict(profile(224)),
+        "candidates": cands,
+        "survivors": ["l0", "l2"],
+        "decisions": [],
+        "settings": {"batch_size": 32, "freeze_early": True},
+        "machine": {"device": "cpu"},
+    }
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    trained: list[tuple[str, str]] = []
+
+    def train(cfg, role, key, seconds):  # every run stops early after 2 epochs
+        trained.append((key, role))
+        run = {"status": "completed", "val_accuracy": 0.8, "val_loss": 0.5, "epochs": 2}
+        return run | {"role": role, "run": str(tmp_path / role), "seconds": 9.0, "done": True}
+
+    monkeypatch.setattr(fitter, "_lr", lambda c, start, share: (1e-4, "a test", 1000.0))
+    monkeypatch.setattr(fitter, "_config", lambda *a, **k: None)
+    monkeypatch.setattr(fitter, "_train", train)
+    monkeypatch.setattr(fitter, "_reserve", lambda: 10.0)
+    fitter.finetune()
+    # 1e-4, then 3.3e-5 and 1.1e-5 for the last one (a third more would fall under 1e-5)
+    rounds = [("l2", "finetune2"), ("l2", "finetune3")]
+    assert trained == [("l0", "finetune"), ("l2", "finetune"), *rounds]
+    gave = [d for d in record["decisions"] if d.startswith("l0: its run ended with")]
+    assert len(gave) == 1 and gave[0].endswith("they go to l2")
+    assert "rounds" not in cands[0] and len(cands[1]["rounds"]) == 3
 
 
 def test_a_further_round_replaces_the_run_only_when_neither_val_measure_is_worse():

@@ -72,6 +72,12 @@ FINETUNE_LR = (1e-5, 3e-4)
 SCRATCH_LR = (1e-4, 1e-2)
 # Seconds allowed per phase beyond measured speeds: model building, loaders, MLflow, plots.
 RUN_OVERHEAD = 8.0
+# Predicted images per trained one, for the reserve: a forward pass against forward and backward
+# (about 3 with every layer trained; nearer 2 with the early stages frozen: held-in clip art in
+# bf16 on the CPU, Lite2 at 260 px trained at 18-19 images/s and the reserved phases ran at
+# about 40). The feature pass priced them before: from a cold image cache it decodes too, and
+# kept 210 s for phases that took 80.
+PREDICT_PER_TRAIN = 2.0
 # Fine-tuning a backbone for fewer epochs than this rarely beats its linear probe.
 MIN_FINETUNE_EPOCHS = 8
 FLIP_VAL = "fit-val-tta"  # the evaluation name of a run's val predictions with flip TTA
@@ -451,13 +457,21 @@ class _Fitter:
             self.display.item(f"fine-tuning {key}: LR range test")
             t0 = time.monotonic()
             lr, why, rate = self._lr(c, start, share)
-            self.decide(f"{key}: fine-tune lr {lr:.2e} ({why})")
+            cand["train_rate"] = round(rate, 2)  # training images/s, for the plan and reserve
+            self.decide(f"{key}: fine-tune lr {lr:.2e} ({why}); {rate:.1f} training images/s")
             share -= time.monotonic() - t0
             if i == 0 and len(keys) > 1:
                 self._survivors_that_fit(rate)
                 if len(self.record["survivors"]) < len(keys):  # its share grows
                     share = self._share(self.record["survivors"], 0)
                     ends = time.monotonic() + share
+            pace = self._pace(c)
+            if pace != 1.0:
+                rate *= pace
+                self.decide(
+                    f"{key}: epochs planned at {rate:.1f} images/s, {pace:.2f}× its LR range "
+                    "test's pace, as the fine-tunes before it ran"
+                )
             prof = self._profile()
             epoch = prof.train / rate + prof.val / (3 * rate)
             epochs = int(max(1, min(40, (share - RUN_OVERHEAD) // max(epoch, 1e-3))))
@@ -467,7 +481,43 @@ class _Fitter:
             cand["finetune"] = self._train(cfg, "finetune", key, share)
             cand["finetune"].update(lr=lr, lr_why=why, planned_epochs=epochs)
             self.save()
-            self._more_rounds(c, cand, lr, ends)
+            later = self.record["survivors"][i + 1 :]
+            if not later:
+                self._more_rounds(c, cand, lr, ends)
+            elif ends - time.monotonic() > RUN_OVERHEAD:
+                # A further round at a third of the lr rarely gains (held-in clip art: Lite0's
+                # rounds 2-4 moved val 0.784 -> 0.787, Lite2's second 0.780 -> 0.761), a
+                # later survivor's first one does: what early stopping (or a plan that fell
+                # short) left of this share goes to the next candidate (the last one's share
+                # is all that is left).
+                self.decide(
+                    f"{key}: its run ended with {ends - time.monotonic():.0f} s of its share left; "
+                    f"they go to {later[0]}"
+                )
+
+    def _pace(self, c: Candidate) -> float:
+        """How much faster than their LR range tests said the fit's earlier fine-tunes of the
+        same kind (backbone or scratch CNN) ran: their first rounds' epochs, val pass included,
+        against the plan's estimate from the test's speed; clamped to [0.75, 1.33], 1 with
+        none. The test's steps run slower than an epoch's (held-in clip art on the CPU: Lite0
+        34 against 41 images/s, Lite2 17 against 20), so the last survivor's one cosine
+        schedule ended a fifth of its share early, and the rest went to a round at a third of
+        the lr or to nothing."""
+        prof = self._profile()
+        ratios = []
+        for cand in self.record["candidates"]:
+            first = (cand.get("rounds") or [cand.get("finetune")])[0] or {}
+            rate, epochs = cand.get("train_rate"), first.get("epochs")
+            if cand["key"] == c.key or (cand["pretrained"] == "none") != c.scratch:
+                continue
+            if not rate or not epochs or _score(first) is None:
+                continue
+            planned = prof.train / rate + prof.val / (3 * rate)
+            ran = max(first["seconds"] - RUN_OVERHEAD, 1e-3) / epochs
+            ratios.append(planned / ran)
+        if not ratios:
+            return 1.0
+        return round(min(4 / 3, max(0.75, statistics.median(ratios))), 2)
 
     def _more_rounds(self, c: Candidate, cand: dict, lr: float, ends: float) -> None:
         """Further rounds while the candidate's share holds 3 epochs more, at the speed its
@@ -785,10 +835,14 @@ class _Fitter:
     def _reserve(self) -> float:
         """Seconds kept for TTA, the ensemble check, the test pass, the export and the report.
         Before screening: a tenth of the budget; after it, from the slowest screened
-        backbone's measured speed (its feature pass read every training and val image)."""
+        backbone's predicting speed: `PREDICT_PER_TRAIN` times its training speed where its LR
+        range test measured one, else its feature pass's (which read every training and val
+        image, and from a cold cache decoded them too)."""
         prof = self._profile()
         rates = [
-            (prof.train + 2 * prof.val) / max(1.0, c["screen"]["seconds"] - RUN_OVERHEAD)
+            PREDICT_PER_TRAIN * c["train_rate"]
+            if c.get("train_rate")
+            else (prof.train + 2 * prof.val) / max(1.0, c["screen"]["seconds"] - RUN_OVERHEAD)
             for c in self.record["candidates"]
             if c["pretrained"] != "none" and _score(c["screen"]) is not None
         ]
@@ -802,8 +856,8 @@ class _Fitter:
         images = 2 * prof.val * (1 + survivors) + prof.test * (1 + survivors)
         # an ensemble of members at different sizes exports each one (about 4 s apiece here)
         members = min(3, len(self.record["candidates"]))
-        # The screening pass's rate is slower than the predictor's (channels_last; held-in
-        # clip art: a reserve of 268 s where the phases it covers took 81-165 s): no margin.
+        # No margin: the rates above are a predictor's lower bound (held-in clip art: reserves
+        # of 210-268 s from the feature pass where the phases took 80-165 s).
         return RUN_OVERHEAD * (2 + (members - 1) / 2) + images / min(rates)
 
     def _config(

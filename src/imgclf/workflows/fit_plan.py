@@ -126,9 +126,12 @@ class Candidate:
         return self.pretrained == "none"
 
 
-# Compute per image relative to Lite0 at 224 px (multiply-adds: 0.39, 0.60, 0.87 G), scaled by
-# pixels; a small from-scratch CNN costs a few percent of that.
-_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.55, "efficientnet_lite2": 2.25}
+# Compute per image at 224 px relative to Lite0 (multiply-adds 0.39, 0.60 and 0.87 G at their
+# own 224, 240 and 260 px, brought to 224 px), scaled by pixels; a small from-scratch CNN costs
+# a few percent of that. The multiply-adds at the native sizes, scaled by pixels again, counted
+# the resolution twice: Lite2 at 260 px priced 3.0× Lite0 where its epochs took 1.9-2.1× (held-in
+# clip art on the 2-core CPU, docs/PERFORMANCE.md), so the fit dropped it as too slow.
+_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.34, "efficientnet_lite2": 1.65}
 
 
 def relative_cost(c: Candidate) -> float:

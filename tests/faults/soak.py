@@ -76,7 +76,10 @@ def prepare_sweep(folder: Path, trials: int, grace: int) -> Path:
     from imgclf.config import DataConfig
     from imgclf.data.prepare import prepare
 
-    data = fx.make_class_folder(folder / "data", classes=("a", "b", "c"), per_class=16)
+    # Enough images that a trial lasts a few polls of the supervisor on a loaded machine (with
+    # 16 per class a trial took about a second and, under the full suite, a soak drained in
+    # 18 s with no kill: the killer never saw a worker inside a trial).
+    data = fx.make_class_folder(folder / "data", classes=("a", "b", "c"), per_class=48)
     prepare(DataConfig(root=data, manifest=folder / "manifest"), progress=False)
     spec = {
         "id": SWEEP_ID,

@@ -425,6 +425,9 @@ def test_later_fine_tunes_are_planned_at_the_pace_the_earlier_ones_ran(tmp_path)
     assert fitter._pace(l2) == pytest.approx(1.33)  # at most a third faster
     record["candidates"][1] = tuned("l0", "packaged", planned * 3)
     assert fitter._pace(l2) == 0.75
+    # a run a resumed fit found finished: its seconds are not its training time
+    record["candidates"][1]["finetune"]["seconds"] = 0.4
+    assert fitter._pace(l2) == 1.0
 
 
 def test_only_the_last_survivor_trains_further_rounds(tmp_path, monkeypatch):

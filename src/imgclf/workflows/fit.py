@@ -510,7 +510,9 @@ class _Fitter:
             rate, epochs = cand.get("train_rate"), first.get("epochs")
             if cand["key"] == c.key or (cand["pretrained"] == "none") != c.scratch:
                 continue
-            if not rate or not epochs or _score(first) is None:
+            # a run a resumed fit found finished has no timing of its own (its seconds: the
+            # reading of its folder)
+            if not rate or not epochs or _score(first) is None or first["seconds"] <= RUN_OVERHEAD:
                 continue
             planned = prof.train / rate + prof.val / (3 * rate)
             ran = max(first["seconds"] - RUN_OVERHEAD, 1e-3) / epochs

@@ -386,8 +386,7 @@ class _Fitter:
         keys = self.record["survivors"]
         if len(keys) <= 1 or rate <= 0:
             return
-        prof = self._profile()
-        epoch = prof.train / rate + prof.val / (3 * rate)
+        epoch = self._epoch_seconds(rate)
         time_left = self.left() - self._reserve()
         fits, needed, costs = 0, 0.0, self._costs(keys)
         for i, cost in enumerate(costs):
@@ -430,7 +429,7 @@ class _Fitter:
 
     def _scratch_epochs(self, c: Candidate, seconds: float) -> int:
         rate = _speed(c, self.record["machine"], train=True)
-        epoch = self._profile().train / rate + self._profile().val / (3 * rate)
+        epoch = self._epoch_seconds(rate)
         return int(max(2, min(40, (seconds - RUN_OVERHEAD) // max(epoch, 1e-3))))
 
     # 3 ---------------------------------------------------------------- fine-tuning
@@ -472,8 +471,7 @@ class _Fitter:
                     f"{key}: epochs planned at {rate:.1f} images/s, {pace:.2f}× its LR range "
                     "test's pace, as the fine-tunes before it ran"
                 )
-            prof = self._profile()
-            epoch = prof.train / rate + prof.val / (3 * rate)
+            epoch = self._epoch_seconds(rate)
             epochs = int(max(1, min(40, (share - RUN_OVERHEAD) // max(epoch, 1e-3))))
             stage = _finetune_stage(c, epochs, lr, self._trainable(c))
             cfg = self._config(c, "finetune", [stage], features=False, init_from=start)
@@ -495,6 +493,12 @@ class _Fitter:
                     f"they go to {later[0]}"
                 )
 
+    def _epoch_seconds(self, rate: float) -> float:
+        """An epoch at `rate` training images/s: the training split, and the val split
+        predicted (a forward pass, about a third of a training step)."""
+        prof = self._profile()
+        return prof.train / rate + prof.val / (3 * rate)
+
     def _pace(self, c: Candidate) -> float:
         """How much faster than their LR range tests said the fit's earlier fine-tunes of the
         same kind (backbone or scratch CNN) ran: their first rounds' epochs, val pass included,
@@ -503,7 +507,6 @@ class _Fitter:
         34 against 41 images/s, Lite2 17 against 20), so the last survivor's one cosine
         schedule ended a fifth of its share early, and the rest went to a round at a third of
         the lr or to nothing."""
-        prof = self._profile()
         ratios = []
         for cand in self.record["candidates"]:
             first = (cand.get("rounds") or [cand.get("finetune")])[0] or {}
@@ -514,7 +517,7 @@ class _Fitter:
             # reading of its folder)
             if not rate or not epochs or _score(first) is None or first["seconds"] <= RUN_OVERHEAD:
                 continue
-            planned = prof.train / rate + prof.val / (3 * rate)
+            planned = self._epoch_seconds(rate)
             ran = max(first["seconds"] - RUN_OVERHEAD, 1e-3) / epochs
             ratios.append(planned / ran)
         if not ratios:

@@ -461,7 +461,7 @@ def test_only_the_last_survivor_trains_further_rounds(tmp_path, monkeypatch):
         run = {"status": "completed", "val_accuracy": 0.8, "val_loss": 0.5, "epochs": 2}
         return run | {"role": role, "run": str(tmp_path / role), "seconds": 9.0, "done": True}
 
-    monkeypatch.setattr(fitter, "_lr", lambda c, start, share: (1e-4, "a test", 1000.0))
+    monkeypatch.setattr(fitter, "_lr", lambda c, share: (1e-4, "a test", 1000.0))
     monkeypatch.setattr(fitter, "_config", lambda *a, **k: None)
     monkeypatch.setattr(fitter, "_train", train)
     monkeypatch.setattr(fitter, "_reserve", lambda: 10.0)
@@ -687,9 +687,16 @@ def test_a_pretrained_backbone_wins_on_photo_like_images(tmp_path):
     finetunes = [r for r in (tmp_path / "runs").iterdir() if "-finetune" in r.name]
     assert finetunes, record["decisions"]
     for run in finetunes:
-        stage = yaml.safe_load((run / "config.yaml").read_text())["train"]["stages"][0]
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
         if "efficientnet" in run.name:
-            assert stage["trainable"] == {"from_layer": "blocks.3"}, run
+            assert cfg["train"]["stages"][0]["trainable"] == {"from_layer": "blocks.3"}, run
+        # A first fine-tune starts from the packaged weights with a new head, not from the
+        # screening probe's converged head; a further round, from the round before it.
+        start = cfg["model"].get("init_from")
+        if cfg["tags"]["role"] == "finetune":
+            assert start is None, (run, start)
+        else:
+            assert start and Path(start).name != run.name and "-finetune" in start, (run, start)
 
 
 def test_a_killed_fit_resumes_where_it_stopped(tmp_path):

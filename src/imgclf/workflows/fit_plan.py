@@ -359,13 +359,14 @@ def parse_duration(text: str) -> float:
 def finetune_lr(
     lrs: list[float], losses: list[float], low: float, high: float
 ) -> tuple[float, str]:
-    """The fine-tuning lr from an LR range test that started from trained weights.
+    """The fine-tuning lr from an LR range test over pretrained weights.
 
-    From a trained head the loss does not fall first as it does from scratch: it stays flat,
-    perhaps dips, then rises once the lr is too high. A tenth of the lr at which the smoothed
-    loss first rises 50 % above its lowest value so far keeps clear of that edge (the same
-    decade of margin as `lr_min / 10`, measured from where harm starts rather than from the
-    minimum, which a flat curve puts at the very first step). Clamped to [low, high].
+    Over pretrained layers the curve need not fall first as it does from scratch: from a
+    trained head it stays flat, perhaps dips, then rises once the lr is too high; from a new
+    head it falls while the head learns, then rises. A tenth of the lr at which the smoothed
+    loss first rises 50 % above its lowest value so far keeps clear of that edge either way
+    (the same decade of margin as `lr_min / 10`, measured from where harm starts rather than
+    from the minimum, which a flat curve puts at the very first step). Clamped to [low, high].
     """
     if not lrs:
         return low, "no LR range test steps: the lowest allowed lr"

@@ -474,6 +474,50 @@ def test_only_the_last_survivor_trains_further_rounds(tmp_path, monkeypatch):
     assert "rounds" not in cands[0] and len(cands[1]["rounds"]) == 3
 
 
+def test_a_survivors_share_is_set_again_after_its_lr_range_test(tmp_path, monkeypatch):
+    """Until an LR range test measures a backbone's training speed, the reserve for the last
+    phases is priced from its screening feature pass (from a cold cache, decoding included);
+    a survivor's share is set again after its own test, from the reserve priced then."""
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import _Fitter
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    cand = {"key": "l2", "model": "efficientnet_lite2", "pretrained": "packaged"}
+    cand |= {"image_size": 260, "why": "", "finetune": None}
+    cand["screen"] = {"run": str(tmp_path / "l2"), "val_accuracy": 0.7, "seconds": 5.0}
+    record = {
+        "profile": asdict(profile(224)),
+        "candidates": [cand],
+        "survivors": ["l2"],
+        "decisions": [],
+        "settings": {"batch_size": 32, "freeze_early": True},
+        "machine": {"device": "cpu"},
+    }
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    reserve = {"s": 200.0}  # from the feature pass, then from the test's measured speed
+    shares: list[float] = []
+
+    def lr(c, share):
+        shares.append(share)
+        reserve["s"] = 100.0
+        return 1e-4, "a test", 1000.0
+
+    def train(cfg, role, key, seconds):
+        shares.append(seconds)
+        run = {"status": "completed", "val_accuracy": 1.0, "val_loss": 0.5, "epochs": 2}
+        return run | {"role": role, "run": str(tmp_path / role), "seconds": 9.0, "done": True}
+
+    monkeypatch.setattr(fitter, "_lr", lr)
+    monkeypatch.setattr(fitter, "_config", lambda *a, **k: None)
+    monkeypatch.setattr(fitter, "_train", train)
+    monkeypatch.setattr(fitter, "_reserve", lambda: reserve["s"])
+    fitter.finetune()
+    assert shares[0] == pytest.approx(400, abs=5)  # the LR range test's: 600 s - 200
+    assert shares[1] == pytest.approx(500, abs=5)  # the fine-tune's: 600 s - 100
+
+
 def test_a_further_round_replaces_the_run_only_when_neither_val_measure_is_worse():
     from imgclf.workflows.fit import _better_round
 

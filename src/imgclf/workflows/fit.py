@@ -459,8 +459,8 @@ class _Fitter:
             # ranks the candidates, it does not start their fine-tunes: a head trained to
             # convergence on the unaugmented features fits the training images at once, and
             # the backbone under it then adapts less and overfits sooner (held-in clip art,
-            # Lite2 at 260 px, 8 epochs, same seed: from the probe's head val loss 0.791,
-            # test 0.8033, train accuracy 0.99 by epoch 7; from a new head 0.714, 0.8219).
+            # Lite2 at 260 px, 8 epochs, same seed: from the probe's head val loss 0.800,
+            # test 0.8033, train accuracy 0.99 by epoch 7; from a new head 0.715, 0.8219).
             self.display.item(f"fine-tuning {key}: LR range test")
             lr, why, rate = self._lr(c, share)
             cand["train_rate"] = round(rate, 2)  # training images/s, for the plan and reserve
@@ -589,9 +589,9 @@ class _Fitter:
 
     def _lr(self, c: Candidate, share: float) -> tuple[float, str, float]:
         """The LR range test (from the packaged weights and a new head, or fresh weights for a
-        scratch CNN), in
-        at most a fifth of the run's share; returns (lr, why, training images/s at the steady
-        pace of its steps after the first, without the set-up before them)."""
+        scratch CNN), in at most a fifth of the run's share; returns (lr, why, training
+        images/s at the steady pace of its steps after the first, without the set-up before
+        them)."""
         from imgclf.workflows.lr_search import find_lr
 
         low, high = SCRATCH_LR if c.scratch else FINETUNE_LR

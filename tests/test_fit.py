@@ -193,6 +193,26 @@ def test_the_ensemble_is_kept_only_when_it_beats_the_best_run_on_validation(tmp_
     assert vote.accuracy < 0.75 and not kept
 
 
+def test_the_vote_takes_a_third_member_only_when_it_adds_on_validation(tmp_path):
+    from imgclf.workflows.fit import best_vote
+
+    truth = ["a", "a", "b", "b"]
+    one = _run(tmp_path / "one", truth, [[0.9, 0.1], [0.4, 0.6], [0.1, 0.9], [0.1, 0.9]])
+    two = _run(tmp_path / "two", truth, [[0.45, 0.55], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    # a weak third, surely wrong where the two are unsure: the vote of three loses an image
+    weak = _run(tmp_path / "weak", truth, [[0.0, 1.0], [0.2, 0.8], [0.1, 0.9], [0.1, 0.9]])
+    members, vote, kept = best_vote([one, two, weak], 0.75)
+    assert members == [one, two] and vote.accuracy == 1.0 and kept
+    assert ensemble_check([one, two, weak], 0.75)[0].accuracy < 1.0
+    # a third that adds: the two alone tie at 0.75, the three reach 1.0
+    half = _run(tmp_path / "half", truth, [[0.9, 0.1], [0.4, 0.6], [0.1, 0.9], [0.1, 0.9]])
+    third = _run(tmp_path / "third", truth, [[0.6, 0.4], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    assert ensemble_check([half, one], 0.75)[0].accuracy == 0.75
+    members, vote, kept = best_vote([half, one, third], 0.75)
+    assert members == [half, one, third] and vote.accuracy == 1.0 and kept
+    assert best_vote([one], 0.75)[1] is None  # one run: no vote
+
+
 def test_an_ensemble_that_ties_on_accuracy_is_kept_only_with_a_clearly_lower_log_loss(tmp_path):
     """A tie on a few hundred val images says little; the log loss settles it, when it is lower
     by at least one standard error of the paired per-image difference."""
@@ -518,6 +538,115 @@ def test_a_survivors_share_is_set_again_after_its_lr_range_test(tmp_path, monkey
     assert shares[1] == pytest.approx(500, abs=5)  # the fine-tune's: 600 s - 100
 
 
+def test_a_larger_backbone_within_two_standard_errors_leads_and_is_twinned(tmp_path):
+    """The lead is the best probe, or a larger packaged backbone whose probe is within two
+    paired standard errors of it (fine-tuned, it transfers better than its probe shows); where
+    the quality ensembles, the lead's twin (another seed) is fine-tuned second."""
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import _candidate, _lead
+
+    truth = ["a", "b"] * 10
+    right = [[0.9, 0.1], [0.1, 0.9]] * 10
+
+    def wrong_at(*where: int) -> list[list[float]]:
+        return [p[::-1] if i in where else p for i, p in enumerate(right)]
+
+    def cand(key: str, model: str, pretrained: str, probs) -> dict:
+        run = _run(tmp_path / key, truth, probs)
+        acc = float(
+            np.mean([p.index(max(p)) == "ab".index(t) for t, p in zip(truth, probs, strict=True)])
+        )
+        size = fit_plan.PACKAGED.get(model, 32)
+        c = fit_plan.Candidate(key, model, pretrained, size, "")
+        return asdict(c) | {"screen": {"run": str(run), "status": "completed", "val_accuracy": acc}}
+
+    l0 = cand("l0", "efficientnet_lite0", "packaged", right)
+    l2_near = cand("l2n", "efficientnet_lite2", "packaged", wrong_at(1, 3, 5, 7))  # z = 2
+    l2_far = cand("l2f", "efficientnet_lite2", "packaged", wrong_at(1, 3, 5, 7, 9))  # z = 2.2
+    scratch = cand("s", "scratch_small", "none", right)
+    lead, why = _lead([l0, l2_near])
+    assert lead is l2_near and "paired z 2.00" in why
+    assert _lead([l0, l2_far]) == (l0, "")
+    assert _lead([scratch, l2_near]) == (scratch, "")  # across kinds the probe's ranking stands
+    assert _lead([l2_near, l0]) == (l2_near, "")
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False, seed=7)
+    record = {"fit_id": "f", "candidates": [l0, l2_near], "decisions": []}
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    assert fitter._choose_survivors([l0, l2_near]) == ["l2n", "l2n/seed1"]
+    twin = record["candidates"][-1]
+    assert (twin["key"], twin["twin_of"], twin["seed"], twin["screen"]) == (
+        "l2n/seed1",
+        "l2n",
+        1,
+        None,
+    )
+    assert _candidate(twin).model == "efficientnet_lite2"
+    assert fitter._choose_survivors([l0, l2_near]) == ["l2n", "l2n/seed1"]  # resumed: once
+    assert len(record["candidates"]) == 3
+    # a lead right on every val image: a vote has nothing to show, no twin
+    assert fitter._choose_survivors([l0, l2_far]) == ["l0", "l2f"]
+    # "best" fine-tunes three: the lead, its twin, the next; "fast" one and no twin
+    fitter.opts.quality = "best"
+    assert fitter._choose_survivors([l2_near, l0]) == ["l2n", "l2n/seed1", "l0"]
+    fitter.opts.quality = "fast"
+    assert fitter._choose_survivors([l0, l2_far]) == ["l0"]
+    # a run of the twin trains from the fit's seed + 1
+    fitter.record.update(
+        manifest=str(tmp_path), settings={"batch_size": 8, "augment": {}, "imbalance": "none"}
+    )
+    fitter.record["machine"] = {"device": "cpu"}
+    stage = {"name": "s", "trainable": "all", "epochs": 1, "lr": 1e-4}
+    cfg = fitter._config(_candidate(twin), "finetune", [stage], features=False)
+    assert cfg.seed == 8
+
+
+def test_a_twin_fine_tunes_at_its_leads_lr_without_a_range_test_of_its_own(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    from imgclf.workflows.fit import _candidate, _Fitter
+
+    opts = FitOptions(data=tmp_path, budget=600, progress=False, mlflow=False)
+    lead = asdict(fit_plan.Candidate("l2", "efficientnet_lite2", "packaged", 260, ""))
+    lead |= {"screen": {"run": str(tmp_path / "l2"), "val_accuracy": 0.7}, "finetune": None}
+    twin = asdict(fit_plan.twin(_candidate(lead)))
+    twin |= {"twin_of": "l2", "screen": None, "finetune": None}
+    record = {
+        "profile": asdict(profile(224)),
+        "candidates": [lead, twin],
+        "survivors": ["l2", "l2/seed1"],
+        "decisions": [],
+        "settings": {"batch_size": 32, "freeze_early": True},
+        "machine": {"device": "cpu"},
+    }
+    (tmp_path / "fit").mkdir()
+    fitter = _Fitter(tmp_path / "fit", record, opts, log=lambda _: None)
+    tested, trained = [], []
+
+    def lr(c, share):
+        tested.append(c.key)
+        return 2e-4, "a test", 50.0
+
+    def config(c, role, stages, **kw):
+        trained.append((c.key, c.seed, stages[0]["lr"]))
+
+    def train(cfg, role, key, seconds):
+        run = {"status": "completed", "val_accuracy": 0.8, "val_loss": 0.5, "epochs": 2}
+        return run | {"role": role, "run": str(tmp_path / key), "seconds": 9.0, "done": True}
+
+    monkeypatch.setattr(fitter, "_lr", lr)
+    monkeypatch.setattr(fitter, "_config", config)
+    monkeypatch.setattr(fitter, "_train", train)
+    monkeypatch.setattr(fitter, "_reserve", lambda: 10.0)
+    fitter.finetune()
+    assert tested == ["l2"]
+    assert trained[:2] == [("l2", 0, 2e-4), ("l2/seed1", 1, 2e-4)]
+    assert twin["train_rate"] == 50.0
+    assert any(d.startswith("l2/seed1: fine-tune lr 2.00e-04 (l2's") for d in record["decisions"])
+
+
 def test_a_further_round_replaces_the_run_only_when_neither_val_measure_is_worse():
     from imgclf.workflows.fit import _better_round
 
@@ -668,8 +797,14 @@ def test_a_scratch_cnn_wins_on_tiny_images_unlike_photos_within_the_budget(tmp_p
     assert result.status == "completed" and record["status"] == "completed"
     # the budget holds within 10 % (the wall time of the whole call, set-up included)
     assert seconds <= 90 * 1.1, (seconds, record["phases"])
-    keys = [c["key"] for c in record["candidates"]]
+    keys = [c["key"] for c in record["candidates"] if not c.get("twin_of")]
     assert keys[-1].startswith("scratch_small@") and keys[0] == "efficientnet_lite0@64"
+    # the lead's twin (another seed of it) is fine-tuned second, unless the lead's probe is
+    # right on every val image already
+    lead = next(c for c in record["candidates"] if c["key"] == record["survivors"][0])
+    twins = [(c["key"], c["twin_of"], c["seed"]) for c in record["candidates"] if c.get("twin_of")]
+    want = [(f"{lead['key']}/seed1", lead["key"], 1)] if lead["screen"]["val_accuracy"] < 1 else []
+    assert twins == want and record["survivors"][1 : 1 + len(want)] == [t[0] for t in want]
     assert record["chosen"]["folder"] == str(result.chosen)
     chosen = json.loads((result.chosen / "summary.json").read_text())
     assert chosen["model"] == "scratch_small", record["decisions"]

@@ -6,12 +6,15 @@ The recipe a careful person follows by hand, as one visible sequence of ordinary
 2. **screen** every candidate cheaply: a pretrained backbone trains a head on its cached
    features (one forward pass over the data, then seconds per epoch); a from-scratch CNN trains
    a few epochs;
-3. **fine-tune** the best few: the LR range test, then the backbone (all of it, or from its
-   fourth stage on a CPU) with a new head, from a warm-up epoch, with early stopping on
-   validation; the screening probe ranks the candidates, it does not start their fine-tunes;
-4. **combine**: flip TTA and a soft-vote ensemble of the best run of each of the top three
-   candidates (fine-tuned, or its probe), each kept only when it beats the best single run on
-   validation (an ensemble's tie on accuracy: by a clearly lower log loss, `ensemble_check`);
+3. **fine-tune** the lead (the best probe, or a larger backbone within noise of it) and its
+   twin (the same model from another seed), then the next best where the quality allows: the
+   LR range test, then the backbone (all of it, or from its fourth stage on a CPU) with a new
+   head, from a warm-up epoch, with early stopping on validation; the screening probe ranks
+   the candidates, it does not start their fine-tunes;
+4. **combine**: flip TTA and a soft-vote ensemble of the best run of each of the top two or
+   three candidates (fine-tuned, or its probe), each kept only when it beats the best single
+   run on validation (an ensemble's tie on accuracy: by a clearly lower log loss,
+   `ensemble_check`);
 5. **finish**: the chosen model's test split measured once, an ONNX export, a leaderboard of the
    fit and one report page.
 
@@ -312,12 +315,13 @@ class _Fitter:
 
     def screen(self) -> None:
         cands = self.record["candidates"]
-        budget = fit_plan.share_budget(max(self.left(), 1.0), len(cands), self._reserve())
+        screened = [c for c in cands if not c.get("twin_of")]  # a twin is fine-tuned only
+        budget = fit_plan.share_budget(max(self.left(), 1.0), len(screened), self._reserve())
         self.record["budget"] = asdict(budget) | {"finetune": budget.finetune}
         ends = time.monotonic() + budget.screening
         # Cheapest first: the first backbone's time prices the others (relative cost per
         # image), so one that would not fit the screening share is skipped, not cut short.
-        order = sorted(cands, key=lambda c: fit_plan.relative_cost(_candidate(c)))
+        order = sorted(screened, key=lambda c: fit_plan.relative_cost(_candidate(c)))
         first: tuple[float, float] | None = None  # (seconds, relative cost) of a screened one
         for i, cand in enumerate(order):
             if cand["screen"] and cand["screen"].get("done"):
@@ -368,14 +372,36 @@ class _Fitter:
         )
         if not ranked:
             raise ImgclfError("no candidate finished screening within the budget: give more --time")
-        keep = fit_plan.QUALITIES[self.opts.quality].survivors
-        survivors = [c["key"] for c in ranked[:keep]]
-        self.record["survivors"] = survivors
         self.decide(
             "screening (val accuracy): "
             + ", ".join(f"{c['key']} {_score(c['screen']):.4f}" for c in ranked)
-            + f"; fine-tuning {', '.join(survivors)}"
         )
+        self.record["survivors"] = self._choose_survivors(ranked)
+        self.decide(f"fine-tuning {', '.join(self.record['survivors'])}")
+
+    def _choose_survivors(self, ranked: list[dict]) -> list[str]:
+        """The candidates to fine-tune, in order, from the screened ones best first: the lead
+        (`_lead`), its twin (`fit_plan.twin`) where the quality ensembles, then the next best
+        up to the quality's count. The twin is added to the fit's candidates."""
+        quality = fit_plan.QUALITIES[self.opts.quality]
+        lead, why = _lead(ranked)
+        if why:
+            self.decide(why)  # a larger backbone first
+        ranked = [lead] + [c for c in ranked if c is not lead]
+        survivors = [c["key"] for c in ranked[: quality.survivors]]
+        if not (quality.ensemble and quality.survivors >= 2 and _score(lead["screen"]) < 1.0):
+            return survivors
+        # The lead's twin takes the second place: two fine-tunes of the best backbone from
+        # different seeds make a stronger vote than it with a weaker backbone (held-in clip
+        # art: fine-tuned Lite0 trailed Lite2 by 2-3 points on val, and their vote beat Lite2
+        # alone in none of six fits; two Lite2 seeds: docs/PERFORMANCE.md, "Twins").
+        second = fit_plan.twin(_candidate(lead))
+        cands = self.record["candidates"]
+        if second.key not in {c["key"] for c in cands}:
+            cands.append(
+                {**asdict(second), "twin_of": lead["key"], "screen": None, "finetune": None}
+            )
+        return [lead["key"], second.key, *survivors[1 : quality.survivors - 1]]
 
     def _survivors_that_fit(self, rate: float) -> None:
         """Fewer survivors when the fine-tuning time would give each fewer than
@@ -450,7 +476,8 @@ class _Fitter:
             share = self._share(keys, i)
             ends = time.monotonic() + share
             if share < 15:
-                self.decide(f"{key}: not fine-tuned, the budget is spent (its screening run stays)")
+                stays = "" if cand.get("twin_of") else " (its screening run stays)"
+                self.decide(f"{key}: not fine-tuned, the budget is spent{stays}")
                 continue
             c = _candidate(cand)
             # Both start afresh: a scratch CNN trains again for longer (its short screening
@@ -461,8 +488,14 @@ class _Fitter:
             # the backbone under it then adapts less and overfits sooner (held-in clip art,
             # Lite2 at 260 px, 8 epochs, same seed: from the probe's head val loss 0.800,
             # test 0.8033, train accuracy 0.99 by epoch 7; from a new head 0.715, 0.8219).
-            self.display.item(f"fine-tuning {key}: LR range test")
-            lr, why, rate = self._lr(c, share)
+            twin_of = by_key.get(cand.get("twin_of"), {})
+            if (twin_of.get("finetune") or {}).get("lr") and twin_of.get("train_rate"):
+                # the same model and recipe: its twin's lr and measured speed hold for it
+                lr, rate = twin_of["finetune"]["lr"], twin_of["train_rate"]
+                why = f"{twin_of['key']}'s, the same model"
+            else:
+                self.display.item(f"fine-tuning {key}: LR range test")
+                lr, why, rate = self._lr(c, share)
             cand["train_rate"] = round(rate, 2)  # training images/s, for the plan and reserve
             self.decide(f"{key}: fine-tune lr {lr:.2e} ({why}); {rate:.1f} training images/s")
             if i == 0 and len(keys) > 1:
@@ -692,14 +725,13 @@ class _Fitter:
         # models that differ in backbone err differently, so a fit with one survivor still
         # tries an ensemble; kept only when it wins on val (held-in clip art: the fine-tuned
         # Lite0 and Lite1, val 0.7985 against 0.7761, kept; Lite1 with Lite0's probe, 0.7724
-        # against 0.8097, not kept).
-        members = [r["run"] for _, r in ranked[:3]]
-        if fit_plan.QUALITIES[self.opts.quality].ensemble and len(members) >= 2:
+        # against 0.8097, not kept). The best two, or three (`best_vote`).
+        if fit_plan.QUALITIES[self.opts.quality].ensemble and len(ranked) >= 2:
+            bar, single = self._bar(top, ranked[0][1], chosen)
+            runs, vote, kept = best_vote([Path(r["run"]) for _, r in ranked], bar, single=single)
+            members = [str(r) for r in runs]
             # Like for like: the ensemble with flip TTA too when the single run was offered it
             # (from each member's flipped val predictions; the best one's are made already).
-            bar, single = self._bar(top, ranked[0][1], chosen)
-            runs = [Path(m) for m in members]
-            vote, kept = ensemble_check(runs, bar, single=single)
             flipped, tta = None, None
             if vote is not None and "tta" in self.record and self.left() > self._reserve() * 0.5:
                 self.display.item(f"flip TTA on the ensemble's {len(members)} members (val)")
@@ -920,7 +952,7 @@ class _Fitter:
             "runs_dir": str(self.opts.runs_dir),
             "name": f"{_slug(c.key)}-{role}",
             "tags": {"fit": self.fit_id, "role": role, "candidate": c.key},
-            "seed": self.opts.seed,
+            "seed": self.opts.seed + c.seed,
         }
         if init_from is not None:
             raw["model"]["init_from"] = str(init_from)
@@ -1016,7 +1048,8 @@ def _finetune_stage(c: Candidate, epochs: int, lr: float, trainable: str | dict)
 
 
 def _candidate(record: dict) -> Candidate:
-    return Candidate(**{k: record[k] for k in Candidate.__dataclass_fields__})
+    # fit.json files from before twins have no "seed": the fit's own
+    return Candidate(**{k: record[k] for k in Candidate.__dataclass_fields__ if k in record})
 
 
 def _scratch_stage(epochs: int, lr: float = 4e-3) -> dict:
@@ -1038,6 +1071,36 @@ def _score(run: dict | None) -> float | None:
     if not run or run.get("status") not in ("completed", "interrupted"):
         return None
     return run.get("val_accuracy")
+
+
+def _lead(ranked: list[dict]) -> tuple[dict, str]:
+    """The candidate fine-tuned first (and twinned), from the screened ones best first: the
+    best, or a larger packaged backbone whose probe is within two paired standard errors of the
+    best packaged one's; returns it and why when it is not the best. Fine-tuned, the larger
+    ImageNet backbones transfer better, which their linear probes do not show (Kornblith et al.,
+    "Do Better ImageNet Models Transfer Better?", 2019; held-in clip art: Lite2's probe 0.683
+    against Lite0's 0.720 on val, fine-tuned Lite2 0.816-0.828 on test against Lite0's
+    0.787-0.807). Across kinds (a scratch CNN, `file:` weights) the probe's ranking stands."""
+    best = ranked[0]
+    if best["pretrained"] != "packaged" or best["model"] not in fit_plan.PACKAGED:
+        return best, ""
+    order = list(fit_plan.PACKAGED)
+    larger = [
+        c
+        for c in ranked[1:]
+        if c["pretrained"] == "packaged"
+        and c["model"] in order
+        and order.index(c["model"]) > order.index(best["model"])
+    ]
+    for c in sorted(larger, key=lambda c: -order.index(c["model"])):
+        z = paired_z(Path(best["screen"]["run"]), Path(c["screen"]["run"]))
+        if z is not None and z <= 2.0:
+            return c, (
+                f"{c['key']} first: its probe is within two standard errors of "
+                f"{best['key']}'s (paired z {z:.2f}), and a larger ImageNet backbone transfers "
+                "better once fine-tuned than its linear probe shows"
+            )
+    return best, ""
 
 
 def _better_round(more: dict, last: dict) -> bool:
@@ -1167,6 +1230,21 @@ def ensemble_check(
         z = vote.loss_z(single) if single is not None and best < 1 else None
         return vote, z is not None and z >= 1.0
     return vote, vote.accuracy > best
+
+
+def best_vote(
+    runs: list[Path], best: float, *, single: Vote | None = None
+) -> tuple[list[Path], Vote | None, bool]:
+    """The ensemble of the best two runs (`runs` best first), or of the best three when that
+    vote is better on val (accuracy, then log loss): a third much weaker than the first two (a
+    probe beside two twin fine-tunes) would dilute their vote. Returns (members, their vote,
+    whether `ensemble_check` keeps it)."""
+    members, vote, kept = runs[:2], None, False
+    for k in range(2, min(3, len(runs)) + 1):
+        v, keep = ensemble_check(runs[:k], best, single=single)
+        if v is not None and (vote is None or (v.accuracy, -v.loss) > (vote.accuracy, -vote.loss)):
+            members, vote, kept = runs[:k], v, keep
+    return members, vote, kept
 
 
 def _same_accuracy(a: float, b: float) -> bool:

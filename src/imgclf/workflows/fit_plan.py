@@ -120,10 +120,25 @@ class Candidate:
     pretrained: str  # packaged | file:PATH | none
     image_size: int
     why: str
+    seed: int = 0  # added to the fit's seed: a twin (`twin`) trains the same model on another
 
     @property
     def scratch(self) -> bool:
         return self.pretrained == "none"
+
+
+def twin(c: Candidate) -> Candidate:
+    """A second fine-tune of the same model from another seed (another new head, another order
+    of batches and augmentations), for the soft vote: two such runs err on different images."""
+    n = c.seed + 1
+    return Candidate(
+        f"{c.key}/seed{n}",
+        c.model,
+        c.pretrained,
+        c.image_size,
+        f"a second fine-tune of {c.key} from another seed, for the soft vote",
+        seed=n,
+    )
 
 
 # Compute per image at 224 px relative to Lite0 (multiply-adds 0.39, 0.60 and 0.87 G at their

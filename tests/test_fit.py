@@ -389,6 +389,16 @@ def test_fewer_survivors_when_each_would_get_too_few_epochs(tmp_path):
     record["candidates"].append(scratch)
     assert fitter._costs(["l1", "l0"]) == pytest.approx([1.34, 1.0])
     assert fitter._costs(["l0", "s"]) == [1.0, 1.0]
+    # a twin runs no LR range test of its own: two Lite1s at 32 s an epoch fit as a lead and
+    # its twin (2 × (8 × 32 + 8) = 528 s of the 540), not as two backbones (568 s)
+    twin = {**lite[0], "key": "l1/seed1", "twin_of": "l1"}
+    record["candidates"].append(twin)
+    record.update(survivors=["l1", "l1/seed1"], decisions=[])
+    fitter._survivors_that_fit(160 / 32)
+    assert record["survivors"] == ["l1", "l1/seed1"] and not record["decisions"]
+    del twin["twin_of"]
+    fitter._survivors_that_fit(160 / 32)
+    assert record["survivors"] == ["l1"]
 
 
 def test_the_reserve_for_the_last_phases_follows_the_measured_training_speed(tmp_path):

@@ -418,12 +418,15 @@ class _Fitter:
         epoch = self._epoch_seconds(rate)
         time_left = self.left() - self._reserve()
         fits, needed, costs = 0, 0.0, self._costs(keys)
+        by_key = {c["key"]: c for c in self.record["candidates"]}
+        twins = [bool(by_key.get(k, {}).get("twin_of")) for k in keys]
         for i, cost in enumerate(costs):
             # Each after the first also runs its own LR range test first (about an epoch of
             # images: 30 batches of 32 for ~1,000 training images) and sets up two runs; kept
             # without counting them, a survivor got 6 epochs (held-in clip art on a slow host:
-            # Lite0 after Lite2, val 0.743 against its probe's 0.720).
-            later = i > 0
+            # Lite0 after Lite2, val 0.743 against its probe's 0.720). A twin has none: it
+            # takes its lead's lr.
+            later = i > 0 and not twins[i]
             needed += (MIN_FINETUNE_EPOCHS + later) * epoch * cost / costs[0]
             needed += RUN_OVERHEAD * (1 + later)
             if needed > time_left:

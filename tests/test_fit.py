@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -671,6 +672,44 @@ def test_a_further_round_replaces_the_run_only_when_neither_val_measure_is_worse
     assert not _better_round(run(0.99, 0.100), first)  # lower accuracy
     assert not _better_round(run(None, None, "failed"), first)
     assert _better_round(run(1.0, None), first)  # no loss recorded: accuracy decides
+
+
+def test_flip_tta_is_kept_only_for_a_gain_of_an_image_not_a_float32_tie(tmp_path, monkeypatch):
+    """summary.json keeps float32 accuracies, an evaluation float64: the same 209 of 268 val
+    images read 0.77985072 against 0.77985075, which kept flip TTA on a tie."""
+    from dataclasses import asdict
+
+    import imgclf.evaluate.evaluate as evaluate
+
+    run = _run(tmp_path / "r", ["a", "b"], [[0.9, 0.1], [0.1, 0.9]])
+    cand = asdict(fit_plan.Candidate("l0", "efficientnet_lite0", "packaged", 224, ""))
+    screen = {"run": str(run), "status": "completed", "role": "screen"}
+    cand |= {"screen": screen | {"val_accuracy": float(np.float32(209 / 268))}, "finetune": None}
+    opts = FitOptions(data=tmp_path, budget=600, quality="fast", progress=False, mlflow=False)
+
+    def combine(tta_accuracy: float) -> dict:
+        record = {
+            "fit_id": "f",
+            "profile": asdict(profile(224)),
+            "candidates": [cand],
+            "decisions": [],
+            "settings": {"augment": {"preset": "default"}, "batch_size": 8},
+        }
+        folder = tmp_path / f"fit{tta_accuracy}"
+        folder.mkdir()
+        fitter = _Fitter(folder, record, opts, log=lambda _: None)
+        monkeypatch.setattr(fitter, "_reserve", lambda: 0.0)
+
+        # what evaluate_run returns, as far as combine reads it
+        evaluation = SimpleNamespace(record={"metrics": {"accuracy": tta_accuracy}})
+        monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: evaluation)
+        fitter.combine()
+        return record
+
+    record = combine(209 / 268)
+    assert record["tta"]["kept"] is False and record["chosen"]["tta"] is None
+    record = combine(210 / 268)
+    assert record["tta"]["kept"] is True and record["chosen"]["tta"] == "flip"
 
 
 def test_runs_train_in_bf16_where_the_cpu_has_it_natively(tmp_path):

@@ -707,7 +707,11 @@ class _Fitter:
 
             ev = evaluate_run(best["run"], split="val", tta="flip", name=FLIP_VAL)
             tta_acc = float(ev.record["metrics"]["accuracy"])
-            kept = tta_acc > chosen["val_accuracy"]
+            # float32 in summary.json against float64 here: a tie must not read as a gain
+            # (held-in: 0.77985075 > 0.77985072 kept flip TTA on the same 209 of 268 images)
+            kept = tta_acc > chosen["val_accuracy"] and not _same_accuracy(
+                tta_acc, chosen["val_accuracy"]
+            )
             self.record["tta"] = {
                 "run": best["run"],
                 "val_accuracy": chosen["val_accuracy"],

@@ -491,11 +491,11 @@ class _Fitter:
             # the backbone under it then adapts less and overfits sooner (held-in clip art,
             # Lite2 at 260 px, 8 epochs, same seed: from the probe's head val loss 0.800,
             # test 0.8033, train accuracy 0.99 by epoch 7; from a new head 0.715, 0.8219).
-            twin_of = by_key.get(cand.get("twin_of"), {})
-            if (twin_of.get("finetune") or {}).get("lr") and twin_of.get("train_rate"):
-                # the same model and recipe: its twin's lr and measured speed hold for it
-                lr, rate = twin_of["finetune"]["lr"], twin_of["train_rate"]
-                why = f"{twin_of['key']}'s, the same model"
+            lead = by_key.get(cand.get("twin_of"), {})  # a twin's lead: the same model
+            if (lead.get("finetune") or {}).get("lr") and lead.get("train_rate"):
+                # and recipe: the lead's lr and measured speed hold for its twin
+                lr, rate = lead["finetune"]["lr"], lead["train_rate"]
+                why = f"{lead['key']}'s, the same model"
             else:
                 self.display.item(f"fine-tuning {key}: LR range test")
                 lr, why, rate = self._lr(c, share)

@@ -120,7 +120,7 @@ class Candidate:
     pretrained: str  # packaged | file:PATH | none
     image_size: int
     why: str
-    seed: int = 0  # added to the fit's seed: a twin (`twin`) trains the same model on another
+    seed: int = 0  # added to the fit's seed (a twin, `twin`: the same model, another seed)
 
     @property
     def scratch(self) -> bool:
